@@ -1,0 +1,318 @@
+"""
+Whitening losses for self-supervised learning, centred on CW-RGP: channel whitening with random
+group partition, from "An Investigation into Whitening Loss for Self-supervised Learning"
+(Weng, Huang, Zhao, Anwer, Khan, Khan; NeurIPS 2022, arXiv 2210.03586).
+
+One view's embedding z is (b, d): b samples, d channels. After a permutation of the channels they
+are cut into g groups of c = d/g channels, and every group is whitened on its own:
+
+  batch whitening (BW, W-MSE):   Z̄ = Z − mean over samples,   Σ = Z̄ᵀZ̄/(b−1) (c×c),   Ẑ = Z̄Wᵀ
+  channel whitening (CW, paper): Z̄ = Z − mean over channels,  Σ = Z̄Z̄ᵀ/(c−1) (b×b),   Ẑ = WZ̄
+
+with W Σ Wᵀ = I from ZCA (W = Σ^(-1/2)), Cholesky (W = L⁻¹, Σ = LLᵀ) or PCA (W = Λ^(-1/2)Uᵀ).
+The loss pulls the whitened views together: L = (1/m) Σ_rows ‖Φ(Z₁) − Φ(Z₂)‖².
+
+What this file adds to the released recipe: every view, sub-batch, group and repetition of a step
+is whitened by one batched decomposition; half-precision inputs are whitened in float32; ZCA has an
+exact backward that stays finite when eigenvalues repeat; shapes that cannot be whitened are refused
+with the rule and the fix. Axis letters: i repetitions, v views, n sub-batches, b samples, d
+channels, g groups, c channels per group.
+"""
+
+import torch
+import torch.nn.functional as F
+from einops import einsum, rearrange
+from torch import nn
+from torch.autograd.function import once_differentiable
+
+METHODS = ("zca", "cholesky", "pca")
+AXES = ("channel", "batch")
+
+
+# ----------------------------------------------------------------------------------------------
+# Whitening matrices: W with W Σ Wᵀ = I
+
+def _refuse_singular(smallest, largest, n, dtype):
+    # The numerical rank of torch.linalg.matrix_rank: values below n·eps·max are rounding noise,
+    # so a whitening built on them would blow that noise up into the output.
+    tol = n * torch.finfo(dtype).eps * largest
+    if bool((smallest <= tol).any()):
+        raise ValueError(
+            "covariance is singular (numerically rank-deficient): the embedding does not span its "
+            "group. Use eps > 0 (shrinkage), or reshape the problem: batch whitening needs "
+            "sub_batch > channels per group, channel whitening needs channels per group >= sub_batch."
+        )
+
+
+class _InverseSqrt(torch.autograd.Function):
+    """Σ^(-1/2) from its eigendecomposition Σ = U diag(λ) Uᵀ, with an exact backward.
+
+    With s = √λ, the derivative of f(Σ) = Σ^(-1/2) in direction dΣ is U (K ∘ Uᵀ dΣ U) Uᵀ, where K
+    holds the divided differences of f (Daleckii–Krein):
+        K_ij = (f(λ_i) − f(λ_j)) / (λ_i − λ_j) = −1 / (s_i s_j (s_i + s_j)),     i ≠ j
+        K_ii = f′(λ_i)                          = −1 / (2 s_i³)                = same formula.
+    The closed form has no λ_i − λ_j in a denominator, so it is exact when eigenvalues repeat,
+    where autograd through eigh divides by zero. The map is self-adjoint, so it is also the backward.
+    """
+
+    @staticmethod
+    def forward(ctx, cov, eigenvalues, eigenvectors):
+        s = eigenvalues.sqrt()
+        ctx.save_for_backward(s, eigenvectors)
+        U = eigenvectors
+        return (U / s.unsqueeze(-2)) @ U.mT
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_W):
+        s, U = ctx.saved_tensors
+        s_i, s_j = s.unsqueeze(-1), s.unsqueeze(-2)
+        K = -1 / (s_i * s_j * (s_i + s_j))
+        grad_sym = (grad_W + grad_W.mT) / 2
+        return U @ (K * (U.mT @ grad_sym @ U)) @ U.mT, None, None
+
+
+def whitening_matrix(cov, method="zca"):
+    """(..., n, n) symmetric positive-definite covariances -> (..., n, n) W with W cov Wᵀ = I.
+
+    method "zca": W = Σ^(-1/2), the symmetric choice (exact backward, see _InverseSqrt);
+    "cholesky": W = L⁻¹ with Σ = LLᵀ (lower triangular); "pca": W = Λ^(-1/2)Uᵀ, eigenvalues in
+    descending order (its output depends on the eigenvectors' signs, which is why it fails as a
+    loss). A numerically singular Σ raises ValueError.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if cov.ndim < 2 or cov.shape[-1] != cov.shape[-2]:
+        raise ValueError(f"cov must be (..., n, n), got shape {tuple(cov.shape)}")
+    n = cov.shape[-1]
+    if not bool(torch.isfinite(cov).all()):
+        raise ValueError(
+            "covariance contains NaN or Inf: the embedding is not finite (the network diverged: "
+            "lower the learning rate or check the inputs), or so large that its covariance overflows"
+        )
+    # Only the symmetric part is a covariance; taking it makes the gradient the symmetric one.
+    cov = (cov + cov.mT) / 2
+    if method == "cholesky":
+        L, info = torch.linalg.cholesky_ex(cov)
+        # The squared pivots of the factorisation play the eigenvalues' part; info > 0: not positive definite.
+        pivots = L.diagonal(dim1=-2, dim2=-1) ** 2
+        smallest = torch.where(info > 0, 0.0, pivots.amin(-1))
+        _refuse_singular(smallest, cov.diagonal(dim1=-2, dim2=-1).amax(-1), n, cov.dtype)
+        eye = torch.eye(n, dtype=cov.dtype, device=cov.device).expand_as(cov)
+        return torch.linalg.solve_triangular(L, eye, upper=False)
+    if method == "pca":
+        eigenvalues, U = torch.linalg.eigh(cov)
+        _refuse_singular(eigenvalues[..., 0], eigenvalues[..., -1], n, cov.dtype)
+        eigenvalues, U = eigenvalues.flip(-1), U.flip(-1)
+        return U.mT / eigenvalues.sqrt().unsqueeze(-1)
+    with torch.no_grad():
+        eigenvalues, U = torch.linalg.eigh(cov)
+    _refuse_singular(eigenvalues[..., 0], eigenvalues[..., -1], n, cov.dtype)
+    return _InverseSqrt.apply(cov, eigenvalues, U)
+
+
+# ----------------------------------------------------------------------------------------------
+# Batch and channel whitening of grouped channels
+
+def _compute_dtype(z):
+    # Decompositions have no half-precision kernels and lose the whitening in fp16/bf16 anyway.
+    return z.dtype if z.dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def _check_whitenable(axis, method, b, d, groups, eps):
+    """The shape rules; b is the number of samples whitened together (the sub-batch)."""
+    if axis not in AXES:
+        raise ValueError(f"axis must be 'channel' or 'batch', got {axis!r}")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if not isinstance(groups, int) or groups < 1 or d % groups:
+        raise ValueError(f"groups={groups!r} must be a positive divisor of the d={d} channels")
+    c = d // groups
+    if axis == "batch":
+        if b < 2:
+            raise ValueError(f"batch whitening needs at least 2 samples to estimate a covariance, got {b}")
+        if eps == 0 and b <= c:
+            raise ValueError(
+                f"batch whitening of {b} samples cannot whiten c={c} channels per group: centring "
+                f"leaves rank {b - 1} < c. Need sub_batch > c: use a larger sub_batch, more groups, "
+                f"or eps > 0"
+            )
+    else:
+        if c < 2:
+            raise ValueError(f"channel whitening needs at least 2 channels per group, got c={c}")
+        # Centring is per sample over all d channels, so with one group it removes one of c dimensions.
+        rank = c - 1 if groups == 1 else c
+        if eps == 0 and rank < b:
+            rule = "c > sub_batch (with groups=1 centring removes one dimension)" if groups == 1 else "c >= sub_batch"
+            raise ValueError(
+                f"channel whitening needs {rule}, got c={c} channels per group for sub-batches of "
+                f"{b}: use a smaller sub_batch, fewer groups, or eps > 0"
+            )
+
+
+def _whiten(z, axis, groups, method, eps, perm):
+    """z (..., b, d), perm (..., d) or None -> whitened (..., b, d) in z's channel order."""
+    if perm is not None:
+        z = z.gather(-1, perm.unsqueeze(-2).expand_as(z))
+    if axis == "channel":
+        z = z - z.mean(-1, keepdim=True)
+        x = rearrange(z, "... b (g c) -> ... g b c", g=groups)
+        # Σ = Z̄Z̄ᵀ/(c−1): b×b, the samples' inner products over the group's channels
+        cov = einsum(x, x, "... g b c, ... g b2 c -> ... g b b2") / (x.shape[-1] - 1)
+    else:
+        z = z - z.mean(-2, keepdim=True)
+        x = rearrange(z, "... b (g c) -> ... g b c", g=groups)
+        # Σ = Z̄ᵀZ̄/(b−1): c×c, the channels' covariance over the samples
+        cov = einsum(x, x, "... g b c, ... g b c2 -> ... g c c2") / (x.shape[-2] - 1)
+    if eps:
+        eye = torch.eye(cov.shape[-1], dtype=cov.dtype, device=cov.device)
+        # Σ ← (1−ε)Σ + εI
+        cov = (1 - eps) * cov + eps * eye
+    W = whitening_matrix(cov, method)
+    if axis == "channel":
+        # Ẑ = WZ̄
+        out = einsum(W, x, "... g b b2, ... g b2 c -> ... g b c")
+    else:
+        # Ẑ = Z̄Wᵀ
+        out = einsum(x, W, "... g b c2, ... g c c2 -> ... g b c")
+    out = rearrange(out, "... g b c -> ... b (g c)")
+    if perm is not None:
+        # scatter puts channel k back at perm[k]; its backward is a gather, cheaper than scatter_add
+        out = torch.empty_like(out).scatter(-1, perm.unsqueeze(-2).expand_as(out), out)
+    return out
+
+
+def _whiten_one(z, axis, groups, method, eps, perm):
+    if z.ndim != 2:
+        raise ValueError(f"expected a (b, d) embedding, got shape {tuple(z.shape)}")
+    b, d = z.shape
+    _check_whitenable(axis, method, b, d, groups, eps)
+    if perm is not None and (perm.shape != (d,) or not torch.equal(perm.sort().values, torch.arange(d, device=perm.device))):
+        raise ValueError(f"perm must be a permutation of range({d}), got shape {tuple(perm.shape)}")
+    with torch.autocast(z.device.type, enabled=False):
+        return _whiten(z.to(_compute_dtype(z)), axis, groups, method, eps, perm)
+
+
+def batch_whiten(z, groups=1, method="zca", eps=0.0, perm=None):
+    """(b, d) -> (b, d): each group of channels has Ẑᵀ Ẑ/(b−1) = I_c afterwards.
+
+    perm: a (d,) permutation of the channels that sets the groups (group k is the channels
+    perm[k·c:(k+1)·c]); None keeps the channels in order. The output is in the input's channel order.
+    Half-precision inputs are whitened and returned in float32.
+    """
+    return _whiten_one(z, "batch", groups, method, eps, perm)
+
+
+def channel_whiten(z, groups=1, method="zca", eps=0.0, perm=None):
+    """(b, d) -> (b, d): within each group of channels the samples become orthogonal,
+    Ẑ Ẑᵀ/(c−1) = I_b. Arguments as batch_whiten."""
+    return _whiten_one(z, "channel", groups, method, eps, perm)
+
+
+# ----------------------------------------------------------------------------------------------
+# Random group partition and the whitening loss
+
+def random_group_partition(views, batch, dim, groups, sub_batch=None, iters=1, generator=None, device=None):
+    """Draw the random partitions of one loss evaluation.
+
+    Returns (samples, channels):
+      samples  (i, b) long: an order of the batch per repetition; consecutive runs of sub_batch
+               form the sub-batches, shared by all views.
+      channels (i, v, n, d) long: a channel permutation for every repetition, view and sub-batch;
+               consecutive runs of c = d/groups channels form the groups. With groups=1 it is the
+               identity, as W-MSE (and Cholesky whitening is not permutation-invariant).
+    Drawn from `generator` (on its device) or the default generator of `device`.
+    """
+    sub_batch = sub_batch or batch
+    n = batch // sub_batch
+    draw_device = generator.device if generator is not None else device
+    if sub_batch == batch:
+        samples = torch.arange(batch, device=draw_device).expand(iters, batch)
+    else:
+        samples = torch.rand(iters, batch, generator=generator, device=draw_device).argsort(-1)
+    if groups == 1:
+        channels = torch.arange(dim, device=draw_device).expand(iters, views, n, dim)
+    else:
+        # argsort of iid uniforms is a uniformly random permutation, drawn for all (i, v, n) at once
+        keys = torch.rand(iters, views, n, dim, generator=generator, device=draw_device, dtype=torch.float64)
+        channels = keys.argsort(-1)
+    return samples.to(device), channels.to(device)
+
+
+def whitening_loss(*views, axis="channel", groups=4, sub_batch=None, iters=1, method="zca", eps=0.0,
+                   normalize=True, generator=None):
+    """The whitening loss between V ≥ 2 views, each (b, d) -> scalar.
+
+    For each of `iters` repetitions: one random split of the batch into sub-batches of `sub_batch`
+    samples (None: the whole batch), shared by the views; every view's sub-batch whitened along
+    `axis` ("channel": CW, "batch": BW) with its own random group partition into `groups` groups;
+    then the mean over rows of ‖ẑ_v − ẑ_w‖², averaged over the V(V−1)/2 pairs and the repetitions.
+    normalize=True L2-normalises the whitened rows first, making each term 2 − 2·cos. Gradients
+    flow through the whitening. The result is float32 for half-precision inputs or under autocast.
+    """
+    if len(views) < 2:
+        raise ValueError(f"the loss needs at least two views, got {len(views)}")
+    shapes = {tuple(v.shape) for v in views}
+    if len(shapes) > 1:
+        raise ValueError(f"all views must have the same (b, d) shape, got {sorted(shapes)}")
+    if views[0].ndim != 2:
+        raise ValueError(f"each view must be a (b, d) embedding, got shape {tuple(views[0].shape)}")
+    b, d = views[0].shape
+    sub_batch = sub_batch or b
+    if b % sub_batch:
+        raise ValueError(
+            f"batch of {b} cannot be split into sub-batches of {sub_batch}: pass a sub_batch that "
+            f"divides {b}, or sub_batch=None for the whole batch"
+        )
+    _check_whitenable(axis, method, sub_batch, d, groups, eps)
+    if not isinstance(iters, int) or iters < 1:
+        raise ValueError(f"iters must be a positive integer, got {iters!r}")
+    z = torch.stack(views)
+    samples, channels = random_group_partition(len(views), b, d, groups, sub_batch, iters, generator, z.device)
+    with torch.autocast(z.device.type, enabled=False):
+        z = z.to(_compute_dtype(z))
+        # index_select, not z[:, samples]: its backward is a row copy rather than an index_put
+        shuffled = z.index_select(1, samples.flatten())
+        grouped = rearrange(shuffled, "v (i n b) d -> i v n b d", i=iters, b=sub_batch)
+        # Φ(Z) for all repetitions, views and sub-batches at once: one batched decomposition
+        white = _whiten(grouped, axis, groups, method, eps, None if groups == 1 else channels)
+        if normalize:
+            white = F.normalize(white, dim=-1)
+        first, second = torch.triu_indices(len(views), len(views), 1, device=z.device)
+        # (1/m)‖Φ(Z_v) − Φ(Z_w)‖²_F for every pair (v, w), then the mean over pairs and repetitions
+        return (white.index_select(1, first) - white.index_select(1, second)).pow(2).sum(-1).mean()
+
+
+def cw_rgp_loss(*views, **kw):
+    """CW-RGP with the paper's CIFAR recipe: channel whitening, ZCA, groups=4, sub_batch=64, eps=0."""
+    return whitening_loss(*views, **{"axis": "channel", "method": "zca", "groups": 4, "sub_batch": 64, **kw})
+
+
+def w_mse_loss(*views, **kw):
+    """W-MSE (Ermolov et al., ICML 2021): batch whitening, Cholesky, one group, sub_batch=128."""
+    return whitening_loss(*views, **{"axis": "batch", "method": "cholesky", "groups": 1, "sub_batch": 128, **kw})
+
+
+class CWRGPLoss(nn.Module):
+    """Drop-in module: CWRGPLoss(groups=4, sub_batch=64, ...)(z1, z2, ...) -> scalar."""
+
+    def __init__(self, **kw):
+        super().__init__()
+        self.kw = kw
+
+    def forward(self, *views, generator=None):
+        return cw_rgp_loss(*views, generator=generator, **self.kw)
+
+    def extra_repr(self):
+        return ", ".join(f"{k}={v!r}" for k, v in self.kw.items())
+
+
+def stable_rank(z):
+    """‖Z̄‖²_F / ‖Z̄‖²₂ of the channel-centred (b, d) embedding: the paper's indicator of
+    dimensional collapse, between 1 (collapsed to a line) and min(b − 1, d). Divide by d to
+    normalise."""
+    if z.ndim != 2:
+        raise ValueError(f"expected a (b, d) embedding, got shape {tuple(z.shape)}")
+    z = z.detach().to(_compute_dtype(z))
+    singular_values = torch.linalg.svdvals(z - z.mean(0))
+    return singular_values.pow(2).sum() / singular_values[0].pow(2)

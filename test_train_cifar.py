@@ -1,0 +1,176 @@
+"""Tests of train_cifar.py: end-to-end runs, resume, clean stops and the batched augmentation.
+
+Runs are tiny (a convnet of width 16 on a few hundred images) so the file stays fast on a CPU.
+"""
+
+import json
+import math
+import os
+import urllib.error
+
+import pytest
+import torch
+import torchvision
+
+import train_cifar
+
+FASHION_DIR = "/usr/share/datasets/fashion-mnist"
+TINY = ["--arch", "convnet", "--width", "16", "--batch-size", "128", "--eval-every", "1",
+        "--probe-epochs", "3", "--save-every", "1", "--threads", "2"]
+EPOCH_KEYS = {"epoch", "loss", "knn_top1", "knn5_top1", "stable_rank", "lr", "images_per_s", "elapsed_s"}
+
+
+def read_log(out):
+    with open(os.path.join(out, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def run(tmp_path, name, *extra):
+    return train_cifar.main(["--dataset", "fake", "--limit", "512", *TINY, "--out", str(tmp_path / name), *extra])
+
+
+def test_fake_end_to_end(tmp_path):
+    """A short run on fake data finishes and leaves config, checkpoint and a complete log."""
+    result = run(tmp_path, "a", "--epochs", "2")
+    assert result["status"] == "done"
+    log = read_log(result["out"])
+    assert [row["epoch"] for row in log] == [1, 2, 2]
+    for row in log[:2]:
+        assert EPOCH_KEYS <= row.keys()
+        assert 0 <= row["knn_top1"] <= 1 and 0 <= row["knn5_top1"] <= 1
+        assert math.isfinite(row["loss"]) and row["stable_rank"] >= 1 and row["images_per_s"] > 0
+    assert 0 <= log[-1]["linear_top1"] <= 1
+    with open(os.path.join(result["out"], "config.json")) as f:
+        assert json.load(f)["groups"] == 4
+    assert sorted(os.listdir(result["out"])) == ["ckpt.pt", "config.json", "log.jsonl"]
+
+
+@pytest.mark.parametrize("method", ["wmse", "plain"])
+def test_other_methods_run(tmp_path, method):
+    """--method wmse (64-d embedding, BW Cholesky) and --method plain train through the same loop."""
+    result = run(tmp_path, method, "--epochs", "1", "--method", method, "--probe-epochs", "0")
+    assert result["status"] == "done"
+    assert result["model"]["projector"][-1].out_features == (64 if method == "wmse" else 512)
+    assert math.isfinite(read_log(result["out"])[0]["loss"])
+
+
+@pytest.mark.skipif(not os.path.isdir(FASHION_DIR), reason=f"{FASHION_DIR} absent (Debian package dataset-fashion-mnist)")
+def test_fashion_mnist_end_to_end(tmp_path):
+    """A few steps on real Fashion-MNIST images (1 channel, 28x28) run and evaluate."""
+    result = train_cifar.main(["--dataset", "fashion-mnist", "--limit", "1024", *TINY, "--epochs", "1",
+                               "--out", str(tmp_path / "f")])
+    assert result["status"] == "done"
+    assert result["model"]["encoder"][1][0].in_channels == 1
+    row = read_log(result["out"])[0]
+    assert 0 <= row["knn5_top1"] <= 1 and math.isfinite(row["loss"])
+
+
+def test_resume_continues_identically(tmp_path, monkeypatch):
+    """Ctrl-C mid-epoch saves a checkpoint, and --resume from it ends with exactly the weights and
+    log of an uninterrupted run."""
+    straight = run(tmp_path, "straight", "--epochs", "2")
+
+    real_augment, calls = train_cifar.augment, [0]
+
+    def interrupt_at_step_6(*args):
+        calls[0] += 1
+        if calls[0] == 2 * 5 + 1:  # first view of step 6 of 8, in the second epoch
+            raise KeyboardInterrupt
+        return real_augment(*args)
+
+    monkeypatch.setattr(train_cifar, "augment", interrupt_at_step_6)
+    interrupted = run(tmp_path, "resumed", "--epochs", "2")
+    assert interrupted["status"] == "interrupted"
+    assert len(read_log(interrupted["out"])) == 1
+    monkeypatch.setattr(train_cifar, "augment", real_augment)
+    resumed = train_cifar.main(["--resume", interrupted["out"]])
+    assert resumed["status"] == "done"
+
+    a, b = straight["model"].state_dict(), resumed["model"].state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    timing = {"images_per_s", "elapsed_s", "train_s"}
+    strip = lambda log: [{k: v for k, v in row.items() if k not in timing} for row in log]
+    assert strip(read_log(straight["out"])) == strip(read_log(resumed["out"]))
+
+
+@pytest.mark.parametrize("failure", ["nan", "singular"])
+def test_nonfinite_loss_stops_and_keeps_checkpoint(tmp_path, monkeypatch, failure):
+    """A non-finite loss (NaN, or the loss refusing a singular covariance) in epoch 2 stops the run
+    with a message, before any update, and leaves epoch 1's checkpoint untouched."""
+    real_loss, calls = train_cifar.whitening_loss, [0]
+
+    def failing_loss(*views, **kw):
+        calls[0] += 1
+        if calls[0] == 6:
+            if failure == "singular":
+                raise ValueError("covariance is singular (numerically rank-deficient)")
+            return real_loss(*views, **kw) * float("nan")
+        return real_loss(*views, **kw)
+
+    monkeypatch.setattr(train_cifar, "whitening_loss", failing_loss)
+    result = run(tmp_path, failure, "--epochs", "3")
+    assert result["status"] == "nonfinite" and "rank-deficient whitening" in result["message"]
+    ckpt = torch.load(os.path.join(result["out"], "ckpt.pt"), weights_only=True)
+    assert ckpt["state"]["step"] == 4 and len(ckpt["state"]["log"]) == 1
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+    assert not os.path.exists(os.path.join(result["out"], "ckpt.pt.tmp"))
+
+
+def test_cifar_download_failure_is_one_message(tmp_path, monkeypatch):
+    """Without network, --dataset cifar10 exits with one message that says what to do."""
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
+    with pytest.raises(SystemExit) as exit_info:
+        train_cifar.main(["--dataset", "cifar10", "--data-dir", str(tmp_path), "--out", str(tmp_path / "c")])
+    message = str(exit_info.value.code)
+    assert "cifar.html" in message and "--dataset fashion-mnist" in message
+
+
+@pytest.mark.parametrize("channels,size", [(3, 32), (1, 28)])
+def test_augment_views(channels, size):
+    """Views are float32 in [0, 1] of the input's shape, and two views of one batch differ."""
+    args = train_cifar.resolve_config([])
+    x = torch.randint(0, 256, (64, channels, size, size), dtype=torch.uint8)
+    gen = torch.Generator().manual_seed(0)
+    v1, v2 = train_cifar.augment(x, args, gen), train_cifar.augment(x, args, gen)
+    for v in (v1, v2):
+        assert v.shape == x.shape and v.dtype == torch.float32
+        assert v.min() >= 0 and v.max() <= 1
+    assert (v1 - v2).abs().amax((1, 2, 3)).min() > 0.01
+
+
+def test_augment_identity_and_flip_are_pixel_exact():
+    """With the crop fixed to the whole image and no jitter, a view is the image itself, or its
+    mirror with flip_p=1: the affine warp samples pixel centres exactly."""
+    args = train_cifar.resolve_config(["--crop-scale", "1", "1", "--crop-ratio", "1", "1", "--jitter-p", "0",
+                                       "--gray-p", "0", "--flip-p", "0"])
+    x = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
+    gen = torch.Generator().manual_seed(0)
+    torch.testing.assert_close(train_cifar.augment(x, args, gen), x.float() / 255, atol=1e-6, rtol=0)
+    args.flip_p = 1.0
+    torch.testing.assert_close(train_cifar.augment(x, args, gen), x.flip(-1).float() / 255, atol=1e-6, rtol=0)
+
+
+def test_knn_votes():
+    """5-NN is a majority vote of Euclidean neighbours; the cosine kNN weights votes by exp(cos/T)."""
+    bank = torch.tensor([[0.0, 1], [0, 2], [0, 3], [10, 0], [11, 0], [12, 0]])
+    labels = torch.tensor([0, 0, 0, 1, 1, 1])
+    query, query_labels = torch.tensor([[0.0, 2.5], [10.5, 0.1]]), torch.tensor([0, 1])
+    assert train_cifar.knn_top1(bank, labels, query, query_labels, 5, "euclidean") == 1.0
+    assert train_cifar.knn_top1(bank, labels, query, query_labels, 6, "cosine", 0.1) == 1.0
+    # Euclidean 3-NN of (0, 2.5) is all class 0; flipping the bank's labels makes it wrong.
+    assert train_cifar.knn_top1(bank, 1 - labels, query[:1], query_labels[:1], 3, "euclidean") == 0.0
+
+
+def test_lr_schedule():
+    """Linear warm-up over --warmup steps, then x0.2 at epochs E-50 and E-25; runs of 25 epochs
+    or fewer keep the base rate after warm-up."""
+    args = train_cifar.resolve_config(["--epochs", "200", "--warmup", "500"])
+    lr = lambda step: train_cifar.lr_at(step, 10, args)
+    assert lr(0) == pytest.approx(3e-3 / 500) and lr(499) == pytest.approx(3e-3)
+    assert lr(1499) == pytest.approx(3e-3) and lr(1500) == pytest.approx(6e-4)
+    assert lr(1750) == pytest.approx(1.2e-4) and lr(1999) == pytest.approx(1.2e-4)
+    short = train_cifar.resolve_config(["--epochs", "10", "--warmup", "5"])
+    assert train_cifar.lr_at(99, 10, short) == pytest.approx(3e-3)

@@ -1,0 +1,519 @@
+"""
+train_cifar.py: self-supervised pre-training with the CW-RGP whitening loss, then evaluation.
+
+Follows the CIFAR recipe of "An Investigation into Whitening Loss for Self-supervised Learning"
+(Weng et al., NeurIPS 2022) as released by the authors: ResNet-18 (CIFAR variant), projector
+512 -> 1024 -> 512, channel whitening with random group partition (g = 4, sub-batch 64, ZCA,
+eps = 0), Adam lr 3e-3 / wd 1e-6, batch 256, 500-step warm-up, lr x 0.2 at epochs E-50 and E-25;
+evaluated by 5-NN (Euclidean) and a linear probe on the frozen encoder features. The loss itself
+lives in cwrgp.py; everything about devices, precision and data is here.
+
+    python train_cifar.py --groups 4                                  # CIFAR-10, GPU
+    python train_cifar.py --dataset fashion-mnist --arch convnet      # 2 CPU cores, no download
+    python train_cifar.py --method wmse | --method plain              # W-MSE / no whitening
+
+The images stay on the device as uint8 and the views are made there with batched tensor ops, so no
+DataLoader runs in the hot loop. Two departures from torchvision's augmentations, for batching:
+colour jitter applies its four parts in a fixed order (brightness, contrast, saturation, hue), and
+the hue shift is a rotation of the chroma plane in YIQ space rather than a shift of H in HSV.
+images/s counts source images (not views) per second of training, excluding evaluation.
+
+Measured (docs/results.md): Fashion-MNIST, --arch convnet, 2-core CPU, about 15 minutes per run;
+see that file for the per-epoch kNN table against raw pixels and the commands.
+"""
+
+import argparse, datetime, gzip, json, math, os, shlex, struct, sys, time
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+
+from cwrgp import whitening_loss, stable_rank
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description="CW-RGP self-supervised pre-training")
+    arg = p.add_argument
+    # data
+    arg("--dataset", choices=["cifar10", "cifar100", "fashion-mnist", "fake"], default="cifar10")
+    arg("--data-dir", default="./data")
+    arg("--limit", type=int, help="use only the first N train (and test) images")
+    # model
+    arg("--arch", choices=["resnet18", "convnet"], default="resnet18")
+    arg("--width", type=int, help="convnet width (channels of its second block)", default=48)
+    arg("--hidden", type=int, help="projector hidden width", default=1024)
+    arg("--emb", type=int, help="embedding width (default 512; 64 for wmse)")
+    # loss
+    arg("--method", choices=["cwrgp", "wmse", "plain"], help="plain: 2-2cos with no whitening", default="cwrgp")
+    arg("--views", type=int, default=2)
+    arg("--groups", type=int, help="default 4 (cwrgp), 1 (wmse)")
+    arg("--sub-batch", type=int, help="default 64 (cwrgp), 128 (wmse)")
+    arg("--whiten", choices=["zca", "cholesky", "pca"], help="default zca (cwrgp), cholesky (wmse)")
+    arg("--eps", type=float, help="covariance shrinkage", default=0.0)
+    arg("--iters", type=int, help="w_iter: whitening repetitions per step", default=1)
+    # optimisation
+    arg("--epochs", type=int, default=200)
+    arg("--batch-size", type=int, default=256)
+    arg("--lr", type=float, default=3e-3)
+    arg("--wd", type=float, default=1e-6)
+    arg("--warmup", type=int, help="linear warm-up steps", default=500)
+    arg("--drop-at", type=int, nargs="*", help="lr drops this many epochs before the end", default=[50, 25])
+    arg("--drop-factor", type=float, default=0.2)
+    # augmentation (per view)
+    arg("--crop-scale", type=float, nargs=2, default=[0.2, 1.0])
+    arg("--crop-ratio", type=float, nargs=2, default=[3 / 4, 4 / 3])
+    arg("--flip-p", type=float, default=0.5)
+    arg("--jitter", type=float, nargs=4, help="brightness contrast saturation hue", default=[0.4, 0.4, 0.4, 0.1])
+    arg("--jitter-p", type=float, default=0.8)
+    arg("--gray-p", type=float, default=0.1)
+    # evaluation
+    arg("--eval-every", type=int, help="kNN monitor every N epochs (and at the end)", default=10)
+    arg("--knn-k", type=int, help="k of the cosine-weighted kNN", default=200)
+    arg("--knn-t", type=float, help="temperature of the cosine-weighted kNN", default=0.1)
+    arg("--probe-epochs", type=int, help="linear probe epochs (0: skip)", default=500)
+    arg("--probe-lr", type=float, default=1e-2)
+    arg("--probe-wd", type=float, default=5e-6)
+    arg("--probe-batch", type=int, default=1000)
+    # run
+    arg("--device", help="auto: cuda if present, else cpu", default="auto")
+    arg("--threads", type=int, help="CPU threads for torch")
+    arg("--compile", action="store_true")
+    arg("--seed", type=int, default=0)
+    arg("--out", help="run directory (default runs/<dataset>-<method>-<time>)")
+    arg("--save-every", type=int, help="checkpoint every N epochs (and at the end)", default=10)
+    arg("--resume", metavar="DIR", help="continue the run in DIR from its checkpoint")
+    return p
+
+
+METHOD_DEFAULTS = {  # emb, groups, sub_batch, whitening
+    "cwrgp": (512, 4, 64, "zca"), "wmse": (64, 1, 128, "cholesky"), "plain": (512, None, None, None)}
+
+
+def resolve_config(argv):
+    parser = build_parser()
+    args = vars(parser.parse_args(argv))
+    if args["resume"]:
+        # The saved run's config becomes the defaults: flags given now still override it.
+        with open(os.path.join(args["resume"], "config.json")) as f:
+            parser.set_defaults(**json.load(f))
+        args = {**vars(parser.parse_args(argv)), "out": args["resume"]}
+    for key, value in zip(("emb", "groups", "sub_batch", "whiten"), METHOD_DEFAULTS[args["method"]]):
+        args[key] = value if args[key] is None else args[key]
+    args["out"] = args["out"] or os.path.join(
+        "runs", f"{args['dataset']}-{args['method']}-{datetime.datetime.now():%Y%m%d-%H%M%S}")
+    return argparse.Namespace(**args)
+
+
+# ----------------------------------------------------------------------------------------------
+# Data: whole splits as uint8 (n, c, h, w) tensors
+
+def read_idx(path):
+    with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+        raw = f.read()
+    ndim = raw[3]
+    shape = struct.unpack(f">{ndim}I", raw[4:4 + 4 * ndim])
+    return torch.frombuffer(bytearray(raw[4 + 4 * ndim:]), dtype=torch.uint8).reshape(shape)
+
+
+def load_fashion_mnist(data_dir):
+    for folder in (data_dir, os.path.join(data_dir, "fashion-mnist"), "/usr/share/datasets/fashion-mnist"):
+        find = lambda name: next((os.path.join(folder, name + ext) for ext in (".gz", "")
+                                  if os.path.exists(os.path.join(folder, name + ext))), None)
+        files = [find(f"{s}-{k}-idx{n}-ubyte") for s in ("train", "t10k") for k, n in (("images", 3), ("labels", 1))]
+        if all(files):
+            xs = [read_idx(f) for f in files]
+            return xs[0].unsqueeze(1), xs[1].long(), xs[2].unsqueeze(1), xs[3].long()
+    sys.exit(f"error: Fashion-MNIST idx files not found in {data_dir} or /usr/share/datasets/fashion-mnist; "
+             f"install the Debian package dataset-fashion-mnist or put the four *-ubyte.gz files in {data_dir}")
+
+
+def load_cifar(name, data_dir):
+    cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
+    try:
+        splits = [cls(data_dir, train=train, download=True) for train in (True, False)]
+    except Exception as e:  # no network, proxy, partial file: the fix is the same, so say it once
+        sys.exit(f"error: could not get {name} into {data_dir} ({type(e).__name__}: {e}). Download the "
+                 f"python version of the dataset from https://www.cs.toronto.edu/~kriz/cifar.html, unpack "
+                 f"it into {data_dir}, and rerun; or use --dataset fashion-mnist, which needs no download.")
+    out = []
+    for s in splits:
+        out += [torch.from_numpy(s.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(s.targets)]
+    return out
+
+
+def load_data(args, device):
+    if args.dataset == "fake":
+        g = torch.Generator().manual_seed(args.seed)
+        n = args.limit or 512
+        # Smooth random images: pooled white noise would give every image the same features.
+        x = torch.randint(0, 256, (n + 256, 3, 4, 4), generator=g, dtype=torch.uint8).repeat_interleave(8, 2).repeat_interleave(8, 3)
+        y = torch.randint(0, 10, (n + 256,), generator=g)
+        splits = x[:n], y[:n], x[n:], y[n:]
+    elif args.dataset == "fashion-mnist":
+        splits = load_fashion_mnist(args.data_dir)
+    else:
+        splits = load_cifar(args.dataset, args.data_dir)
+    if args.limit:
+        splits = [t[:args.limit] for t in splits]
+    return [t.to(device) for t in splits]
+
+
+# ----------------------------------------------------------------------------------------------
+# Augmentation: a batch of uint8 images -> one float view in [0, 1], all on the device
+
+def gray(x):
+    return (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]) if x.shape[1] == 3 else x
+
+
+def augment(x, cfg, gen):
+    n, c, h, w = x.shape
+    rand = lambda *shape: torch.rand(*shape, generator=gen, device=x.device)
+    x = x.float() / 255
+    # Random resized crop as torchvision samples it (10 tries of area and log-ratio, first box that
+    # fits wins, else the whole image), batched; flip folds into the same affine warp.
+    area = cfg.crop_scale[0] + (cfg.crop_scale[1] - cfg.crop_scale[0]) * rand(n, 10)
+    log_lo, log_hi = math.log(cfg.crop_ratio[0]), math.log(cfg.crop_ratio[1])
+    ratio = torch.exp(log_lo + (log_hi - log_lo) * rand(n, 10))
+    cw, ch = (area * ratio).sqrt(), (area / ratio).sqrt()
+    fits = (cw <= 1) & (ch <= 1)
+    first = fits.int().argmax(1, keepdim=True)
+    cw = torch.where(fits.any(1), cw.gather(1, first).squeeze(1), 1.0)
+    ch = torch.where(fits.any(1), ch.gather(1, first).squeeze(1), 1.0)
+    flip = torch.where(rand(n) < cfg.flip_p, -1.0, 1.0)
+    theta = torch.zeros(n, 2, 3, device=x.device)
+    theta[:, 0, 0], theta[:, 1, 1] = cw * flip, ch
+    theta[:, 0, 2], theta[:, 1, 2] = (2 * rand(n) - 1) * (1 - cw), (2 * rand(n) - 1) * (1 - ch)
+    grid = F.affine_grid(theta, (n, c, h, w), align_corners=False)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    # Colour jitter with probability jitter_p; skipped images get the identity factors.
+    on = (rand(n) < cfg.jitter_p).float().view(n, 1, 1, 1)
+    factor = lambda s: 1 + on * s * (2 * rand(n).view(n, 1, 1, 1) - 1)
+    b, k, s, hue = cfg.jitter
+    x = (x * factor(b)).clamp(0, 1)
+    mean = gray(x).mean((1, 2, 3), keepdim=True)
+    x = (mean + factor(k) * (x - mean)).clamp(0, 1)
+    if c == 3:
+        x = (gray(x) + factor(s) * (x - gray(x))).clamp(0, 1)
+        angle = 2 * math.pi * on.view(n) * hue * (2 * rand(n) - 1)
+        x = rotate_hue(x, angle).clamp(0, 1)
+        x = torch.where(rand(n).view(n, 1, 1, 1) < cfg.gray_p, gray(x).expand_as(x), x)
+    return x
+
+
+YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+
+
+def rotate_hue(x, angle):
+    cos, sin, one, zero = angle.cos(), angle.sin(), torch.ones_like(angle), torch.zeros_like(angle)
+    rot = torch.stack([one, zero, zero, zero, cos, -sin, zero, sin, cos], 1).view(-1, 3, 3)
+    yiq = YIQ.to(x.device)
+    m = torch.linalg.inv(yiq) @ rot @ yiq  # (n, 3, 3): luma kept, chroma rotated
+    return torch.einsum("nij,njhw->nihw", m, x)
+
+
+# ----------------------------------------------------------------------------------------------
+# Networks: encoder (features used for evaluation) and projector (embedding fed to the loss)
+
+class Normalize(nn.Module):
+    def __init__(self, mean, std):
+        super().__init__()
+        self.register_buffer("mean", mean.view(1, -1, 1, 1))
+        self.register_buffer("std", std.view(1, -1, 1, 1))
+
+    def forward(self, x):
+        return (x - self.mean) / self.std
+
+
+def resnet18(channels):
+    net = torchvision.models.resnet18(zero_init_residual=True)
+    # CIFAR variant: a 3x3 stride-1 stem and no max-pool keep 32x32 inputs from shrinking too early
+    net.conv1 = nn.Conv2d(channels, 64, 3, 1, 1, bias=False)
+    net.maxpool, net.fc = nn.Identity(), nn.Identity()
+    return net, 512
+
+
+def convnet(channels, width):
+    # Sized so that a Fashion-MNIST epoch (2 x 60k views) takes about a minute on 2 CPU cores.
+    block = lambda i, o: [nn.Conv2d(i, o, 3, padding=1, bias=False), nn.BatchNorm2d(o), nn.ReLU(inplace=True)]
+    layers = block(channels, width // 2) + [nn.MaxPool2d(2)] + block(width // 2, width) + [nn.MaxPool2d(2)]
+    layers += block(width, 2 * width) + block(2 * width, 4 * width) + [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+    return nn.Sequential(*layers), 4 * width
+
+
+def build_model(args, mean, std):
+    backbone, features = resnet18(len(mean)) if args.arch == "resnet18" else convnet(len(mean), args.width)
+    encoder = nn.Sequential(Normalize(mean, std), backbone)
+    projector = nn.Sequential(nn.Linear(features, args.hidden), nn.BatchNorm1d(args.hidden),
+                              nn.ReLU(inplace=True), nn.Linear(args.hidden, args.emb))
+    return nn.ModuleDict({"encoder": encoder, "projector": projector})
+
+
+def plain_loss(*views):
+    """2 - 2cos between views, averaged over pairs: nothing prevents collapse."""
+    zs = [F.normalize(z.float(), dim=1) for z in views]
+    pairs = [(i, j) for i in range(len(zs)) for j in range(i + 1, len(zs))]
+    return sum((2 - 2 * (zs[i] * zs[j]).sum(1)).mean() for i, j in pairs) / len(pairs)
+
+
+def compute_loss(zs, args, gen):
+    if args.method == "plain":
+        return plain_loss(*zs)
+    axis = "channel" if args.method == "cwrgp" else "batch"
+    return whitening_loss(*zs, axis=axis, groups=args.groups, sub_batch=args.sub_batch, iters=args.iters,
+                          method=args.whiten, eps=args.eps, generator=gen)
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation on frozen encoder features
+
+@torch.no_grad()
+def features(encoder, x, autocast, batch=1024):
+    was_training = encoder.training
+    encoder.eval()
+    with autocast:
+        out = torch.cat([encoder(x[i:i + batch].float() / 255).float() for i in range(0, len(x), batch)])
+    encoder.train(was_training)
+    return out
+
+
+@torch.no_grad()
+def knn_top1(bank, bank_y, query, query_y, k, metric, temperature=0.1, chunk=512):
+    """k-NN top-1: 'euclidean' = majority vote; 'cosine' = votes weighted by exp(cos / T)."""
+    classes = int(bank_y.max()) + 1
+    if metric == "cosine":
+        bank, query = F.normalize(bank, dim=1), F.normalize(query, dim=1)
+    bank_sq = bank.pow(2).sum(1)
+    correct = 0
+    for i in range(0, len(query), chunk):
+        q = query[i:i + chunk]
+        # -|b|^2 + 2 q.b orders neighbours as -|q - b|^2 does (|q|^2 is the same for the row)
+        score = q @ bank.T if metric == "cosine" else 2 * q @ bank.T - bank_sq
+        top, idx = score.topk(k, dim=1)
+        weight = (top / temperature).exp() if metric == "cosine" else torch.ones_like(top)
+        votes = torch.zeros(len(q), classes, device=q.device).scatter_add_(1, bank_y[idx], weight)
+        correct += (votes.argmax(1) == query_y[i:i + chunk]).sum().item()
+    return correct / len(query)
+
+
+def linear_probe(train_f, train_y, test_f, test_y, args):
+    gen = torch.Generator(device=train_f.device).manual_seed(args.seed)
+    torch.manual_seed(args.seed)
+    clf = nn.Linear(train_f.shape[1], int(train_y.max()) + 1).to(train_f.device)
+    opt = torch.optim.Adam(clf.parameters(), lr=args.probe_lr, weight_decay=args.probe_wd)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, args.probe_epochs, eta_min=1e-6)
+    for _ in range(args.probe_epochs):
+        perm = torch.randperm(len(train_f), generator=gen, device=train_f.device)
+        for i in range(0, len(perm), args.probe_batch):
+            idx = perm[i:i + args.probe_batch]
+            loss = F.cross_entropy(clf(train_f[idx]), train_y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        sched.step()
+    with torch.no_grad():
+        return (clf(test_f).argmax(1) == test_y).float().mean().item()
+
+
+# ----------------------------------------------------------------------------------------------
+# Bookkeeping
+
+def save_atomic(path, write):
+    # A kill mid-write leaves the temp file, never a truncated checkpoint or log.
+    tmp = path + ".tmp"
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def write_text(path, text):
+    save_atomic(path, lambda p: open(p, "w").write(text))
+
+
+class Timer:
+    """Training time: CUDA events (no sync per step) on GPU, perf_counter on CPU."""
+
+    def __init__(self, device):
+        self.cuda = device.type == "cuda"
+        self.running = False
+
+    def start(self):
+        if self.cuda:
+            self.begin = torch.cuda.Event(enable_timing=True)
+            self.begin.record()
+        else:
+            self.begin = time.perf_counter()
+        self.running = True
+
+    def stop(self):
+        self.running = False
+        if not self.cuda:
+            return time.perf_counter() - self.begin
+        end = torch.cuda.Event(enable_timing=True)
+        end.record()
+        end.synchronize()
+        return self.begin.elapsed_time(end) / 1000
+
+
+def lr_at(step, steps_per_epoch, args):
+    epoch = step // steps_per_epoch
+    drops = sum(1 for before in args.drop_at if 0 < args.epochs - before <= epoch)
+    return args.lr * min(1.0, (step + 1) / args.warmup) * args.drop_factor ** drops
+
+
+def fmt_time(s):
+    return f"{int(s // 3600)}h{int(s % 3600 // 60):02d}m" if s >= 3600 else f"{int(s // 60)}m{int(s % 60):02d}s"
+
+
+# ----------------------------------------------------------------------------------------------
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = resolve_config(argv)
+    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cuda = device.type == "cuda"
+    torch.backends.cudnn.benchmark = cuda
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda)
+    os.makedirs(args.out, exist_ok=True)
+    print("command: python train_cifar.py " + shlex.join(argv))
+    print("config: " + " ".join(f"{k}={v}" for k, v in vars(args).items()) + f" (device {device}, torch {torch.__version__})")
+    write_text(os.path.join(args.out, "config.json"), json.dumps(vars(args), indent=1) + "\n")
+
+    torch.manual_seed(args.seed)
+    train_x, train_y, test_x, test_y = load_data(args, device)
+    pixels = train_x.float() / 255
+    mean, std = pixels.mean((0, 2, 3)), pixels.std((0, 2, 3))
+    del pixels
+    model = build_model(args, mean, std).to(device)
+    if cuda:
+        model = model.to(memory_format=torch.channels_last)
+    encoder, projector = model["encoder"], model["projector"]
+    if args.compile:
+        encoder, projector = torch.compile(encoder), torch.compile(projector)
+    opt = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.wd)
+    gen = torch.Generator(device=device).manual_seed(args.seed)  # data order, views and group partitions
+
+    steps_per_epoch = len(train_x) // args.batch_size
+    if steps_per_epoch == 0:
+        sys.exit(f"error: {len(train_x)} training images is less than one batch of {args.batch_size}")
+    total_steps = args.epochs * steps_per_epoch
+    st = {"step": 0, "perm": None, "acc": None, "log": [], "elapsed": 0.0, "train_s": 0.0}
+    ckpt_path = os.path.join(args.out, "ckpt.pt")
+    if args.resume:
+        ck = torch.load(ckpt_path, map_location=device, weights_only=True)
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["opt"])
+        gen.set_state(ck["gen"].cpu())
+        torch.set_rng_state(ck["cpu_rng"].cpu())
+        st = ck["state"]
+        print(f"resumed from {ckpt_path} at step {st['step']} (epoch {st['step'] / steps_per_epoch:.2f})")
+    gen_snapshot = gen.get_state()
+
+    def save():
+        st["elapsed"] = elapsed()
+        ck = {"model": model.state_dict(), "opt": opt.state_dict(), "gen": gen_snapshot,
+              "cpu_rng": torch.get_rng_state(), "state": st}
+        save_atomic(ckpt_path, lambda p: torch.save(ck, p))
+
+    def write_log():
+        write_text(os.path.join(args.out, "log.jsonl"), "".join(json.dumps(r) + "\n" for r in st["log"]))
+
+    timer, session_start, elapsed_before, epochs_this_session = Timer(device), time.perf_counter(), st["elapsed"], 0
+    elapsed = lambda: elapsed_before + time.perf_counter() - session_start
+    header = f"{'epoch':>5} {'loss':>7} {'knn200':>7} {'knn5':>7} {'srank':>7} {'lr':>8} {'img/s':>7} {'elapsed':>8} {'eta':>8}"
+
+    def pause_timer():
+        if timer.running:
+            st["acc"]["train_s"] += timer.stop()
+            st["acc"]["timed_steps"] += st["step"] - st["acc"]["timed_from"]
+
+    def finish_epoch(epoch):
+        nonlocal epochs_this_session
+        pause_timer()
+        acc = st["acc"]
+        row = {"epoch": epoch, "loss": acc["loss"] / steps_per_epoch, "knn_top1": None, "knn5_top1": None,
+               "stable_rank": acc["stable_rank"], "lr": acc["lr"],
+               "images_per_s": acc["timed_steps"] * args.batch_size / acc["train_s"] if acc["train_s"] else None}
+        if epoch % args.eval_every == 0 or epoch == args.epochs:
+            bank, query = features(model["encoder"], train_x, autocast), features(model["encoder"], test_x, autocast)
+            row["knn_top1"] = knn_top1(bank, train_y, query, test_y, min(args.knn_k, len(bank)), "cosine", args.knn_t)
+            row["knn5_top1"] = knn_top1(bank, train_y, query, test_y, 5, "euclidean")
+        st["train_s"] += acc["train_s"]
+        epochs_this_session += 1
+        row["train_s"], row["elapsed_s"] = st["train_s"], elapsed()
+        st["log"].append(row)
+        eta = (row["elapsed_s"] - elapsed_before) / epochs_this_session * (args.epochs - epoch)
+        show = lambda v, f: format(v, f) if v is not None else "-"
+        print(f"{epoch:>5} {row['loss']:>7.4f} {show(row['knn_top1'], '>7.4f'):>7} {show(row['knn5_top1'], '>7.4f'):>7} "
+              f"{row['stable_rank']:>7.1f} {row['lr']:>8.2e} {show(row['images_per_s'], '>7.0f'):>7} "
+              f"{fmt_time(row['elapsed_s']):>8} {fmt_time(eta):>8}", flush=True)
+        write_log()
+        if epoch % args.save_every == 0 or epoch == args.epochs:
+            save()
+
+    print(header)
+    try:
+        while True:
+            gen_snapshot = gen.get_state()  # what a Ctrl-C checkpoint restores: the state before this step
+            epoch, i = divmod(st["step"], steps_per_epoch)
+            if i == 0 and st["step"] > 0 and len(st["log"]) < epoch:
+                finish_epoch(epoch)
+            if st["step"] >= total_steps:
+                break
+            if i == 0:
+                st["perm"] = torch.randperm(len(train_x), generator=gen, device=device)
+                st["acc"] = {"loss": 0.0, "stable_rank": None, "lr": None, "train_s": 0.0, "timed_steps": 0}
+            if not timer.running:
+                timer.start()
+                st["acc"]["timed_from"] = st["step"]
+            lr = lr_at(st["step"], steps_per_epoch, args)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            x = train_x[st["perm"][i * args.batch_size:(i + 1) * args.batch_size]]
+            views = [augment(x, args, gen) for _ in range(args.views)]
+            if cuda:
+                views = [v.contiguous(memory_format=torch.channels_last) for v in views]
+            with autocast:
+                # Encoder per view (BatchNorm statistics per view, as the released code), projector on all.
+                z = projector(torch.cat([encoder(v) for v in views]))
+            zs = z.float().chunk(args.views)
+            try:
+                loss = compute_loss(zs, args, gen)
+                # One sync per step; the whitening's own finiteness check already syncs.
+                loss_value = loss.item()
+                if not math.isfinite(loss_value):
+                    raise ValueError(f"loss is {loss_value}")
+            except ValueError as e:
+                pause_timer()
+                last = "the last checkpoint in " + args.out if os.path.exists(ckpt_path) else "no checkpoint yet"
+                msg = (f"stopped at step {st['step']} (epoch {epoch + 1}): non-finite loss ({e}). Likely cause: "
+                       f"rank-deficient whitening; try --eps 1e-4 or a smaller --sub-batch. Kept {last}.")
+                print(msg, file=sys.stderr)
+                return {"status": "nonfinite", "out": args.out, "log": st["log"], "message": msg}
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            st["acc"]["loss"] += loss_value
+            st["acc"]["lr"] = lr
+            st["step"] += 1
+            if i == steps_per_epoch - 1:  # the paper's indicator, on the epoch's last batch
+                st["acc"]["stable_rank"] = stable_rank(zs[0]).item()
+        if args.probe_epochs and "linear_top1" not in st["log"][-1]:
+            train_f, test_f = features(model["encoder"], train_x, autocast), features(model["encoder"], test_x, autocast)
+            top1 = linear_probe(train_f, train_y, test_f, test_y, args)
+            st["log"].append({"epoch": args.epochs, "linear_top1": top1, "elapsed_s": elapsed()})
+            print(f"linear probe top-1 {top1:.4f} ({args.probe_epochs} epochs on frozen features)")
+            write_log()
+            save()
+    except KeyboardInterrupt:
+        pause_timer()
+        save()
+        print(f"\ninterrupted: saved {ckpt_path} at step {st['step']}; continue with --resume {args.out}", file=sys.stderr)
+        return {"status": "interrupted", "out": args.out, "log": st["log"]}
+    print(f"done in {fmt_time(elapsed())}: {args.out}")
+    return {"status": "done", "out": args.out, "log": st["log"], "model": model}
+
+
+if __name__ == "__main__":
+    result = main()
+    sys.exit({"done": 0, "interrupted": 130}.get(result["status"], 1))
