@@ -44,32 +44,87 @@ def _refuse_singular(smallest, largest, n, dtype):
         )
 
 
-class _InverseSqrt(torch.autograd.Function):
-    """Σ^(-1/2) from its eigendecomposition Σ = U diag(λ) Uᵀ, with an exact backward.
+def _checked_eigh(cov):
+    """Eigendecomposition of a batch of covariances that must be finite and full rank."""
+    if not bool(torch.isfinite(cov).all()):
+        raise ValueError(
+            "covariance contains NaN or Inf: the embedding is not finite (the network diverged: "
+            "lower the learning rate or check the inputs), or so large that its covariance overflows"
+        )
+    with torch.no_grad():
+        eigenvalues, U = torch.linalg.eigh(cov)
+    _refuse_singular(eigenvalues[..., 0], eigenvalues[..., -1], cov.shape[-1], cov.dtype)
+    return eigenvalues, U
 
-    With s = √λ, the derivative of f(Σ) = Σ^(-1/2) in direction dΣ is U (K ∘ Uᵀ dΣ U) Uᵀ, where K
-    holds the divided differences of f (Daleckii–Krein):
-        K_ij = (f(λ_i) − f(λ_j)) / (λ_i − λ_j) = −1 / (s_i s_j (s_i + s_j)),     i ≠ j
-        K_ii = f′(λ_i)                          = −1 / (2 s_i³)                = same formula.
-    The closed form has no λ_i − λ_j in a denominator, so it is exact when eigenvalues repeat,
-    where autograd through eigh divides by zero. The map is self-adjoint, so it is also the backward.
+
+def _divided_differences(s):
+    """K_ij = (f(λ_i) − f(λ_j)) / (λ_i − λ_j) for f(λ) = λ^(-1/2), s = √λ, in closed form.
+
+    (λ_i^(-1/2) − λ_j^(-1/2)) / (λ_i − λ_j) = −1 / (s_i s_j (s_i + s_j)), and at i = j the same
+    formula gives f′(λ_i) = −1/(2 s_i³). No λ_i − λ_j is left in a denominator, so it is exact when
+    eigenvalues repeat, where autograd through eigh divides by zero.
+    """
+    s_i, s_j = s.unsqueeze(-1), s.unsqueeze(-2)
+    return -1 / (s_i * s_j * (s_i + s_j))
+
+
+class _InverseSqrt(torch.autograd.Function):
+    """W = Σ^(-1/2) = U diag(1/s) Uᵀ from Σ = U diag(s²) Uᵀ, with an exact backward.
+
+    The derivative of Σ^(-1/2) in direction dΣ is U (K ∘ Uᵀ dΣ U) Uᵀ (Daleckii–Krein, K from
+    _divided_differences). The map is self-adjoint, so the backward applies it to the symmetric
+    part of the incoming gradient.
     """
 
     @staticmethod
-    def forward(ctx, cov, eigenvalues, eigenvectors):
+    def forward(ctx, cov, eigenvalues, U):
         s = eigenvalues.sqrt()
-        ctx.save_for_backward(s, eigenvectors)
-        U = eigenvectors
+        ctx.save_for_backward(s, U)
         return (U / s.unsqueeze(-2)) @ U.mT
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_W):
         s, U = ctx.saved_tensors
-        s_i, s_j = s.unsqueeze(-1), s.unsqueeze(-2)
-        K = -1 / (s_i * s_j * (s_i + s_j))
         grad_sym = (grad_W + grad_W.mT) / 2
-        return U @ (K * (U.mT @ grad_sym @ U)) @ U.mT, None, None
+        return U @ (_divided_differences(s) * (U.mT @ grad_sym @ U)) @ U.mT, None, None
+
+
+def _covariance(x, eps):
+    """Σ = x xᵀ/(k−1) of the rows of x (..., n, k), shrunk as Σ ← (1−ε)Σ + εI."""
+    cov = einsum(x, x, "... n k, ... n2 k -> ... n n2") / (x.shape[-1] - 1)
+    if eps:
+        cov = (1 - eps) * cov + eps * torch.eye(cov.shape[-1], dtype=cov.dtype, device=cov.device)
+    return cov
+
+
+class _ZCAWhitenRows(torch.autograd.Function):
+    """Y = Σ^(-1/2) x with Σ = (1−ε) x xᵀ/m + εI, m = k − 1, as one op with an exact backward.
+
+    In the eigenbasis (x′ = Uᵀx, G′ = UᵀG for the incoming gradient G = ∂L/∂Y):
+        Y        = U (x′ / s)
+        ∂L/∂x    = U ( G′ / s  +  2(1−ε)/m · H′ x′ ),     H′ = K ∘ sym(G′ x′ᵀ)
+    the first term through W, the second through Σ (H′ is ∂L/∂Σ in the eigenbasis, K from
+    _divided_differences). Fusing the chain rule this way takes 7 matrix products instead of 11.
+    """
+
+    @staticmethod
+    def forward(ctx, x, eps):
+        eigenvalues, U = _checked_eigh(_covariance(x, eps))
+        s = eigenvalues.sqrt().unsqueeze(-1)
+        x_eig = U.mT @ x
+        ctx.save_for_backward(U, s, x_eig)
+        ctx.sigma_scale = 2 * (1 - eps) / (x.shape[-1] - 1)
+        return U @ (x_eig / s)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        U, s, x_eig = ctx.saved_tensors
+        grad_eig = U.mT @ grad_out
+        outer = grad_eig @ x_eig.mT
+        grad_cov_eig = _divided_differences(s.squeeze(-1)) * (outer + outer.mT) / 2
+        return U @ (grad_eig / s + ctx.sigma_scale * (grad_cov_eig @ x_eig)), None
 
 
 def whitening_matrix(cov, method="zca"):
@@ -78,37 +133,29 @@ def whitening_matrix(cov, method="zca"):
     method "zca": W = Σ^(-1/2), the symmetric choice (exact backward, see _InverseSqrt);
     "cholesky": W = L⁻¹ with Σ = LLᵀ (lower triangular); "pca": W = Λ^(-1/2)Uᵀ, eigenvalues in
     descending order (its output depends on the eigenvectors' signs, which is why it fails as a
-    loss). A numerically singular Σ raises ValueError.
+    loss). A covariance that is not finite or is numerically singular raises ValueError.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if cov.ndim < 2 or cov.shape[-1] != cov.shape[-2]:
         raise ValueError(f"cov must be (..., n, n), got shape {tuple(cov.shape)}")
     n = cov.shape[-1]
-    if not bool(torch.isfinite(cov).all()):
-        raise ValueError(
-            "covariance contains NaN or Inf: the embedding is not finite (the network diverged: "
-            "lower the learning rate or check the inputs), or so large that its covariance overflows"
-        )
     # Only the symmetric part is a covariance; taking it makes the gradient the symmetric one.
     cov = (cov + cov.mT) / 2
-    if method == "cholesky":
-        L, info = torch.linalg.cholesky_ex(cov)
-        # The squared pivots of the factorisation play the eigenvalues' part; info > 0: not positive definite.
-        pivots = L.diagonal(dim1=-2, dim2=-1) ** 2
-        smallest = torch.where(info > 0, 0.0, pivots.amin(-1))
-        _refuse_singular(smallest, cov.diagonal(dim1=-2, dim2=-1).amax(-1), n, cov.dtype)
-        eye = torch.eye(n, dtype=cov.dtype, device=cov.device).expand_as(cov)
-        return torch.linalg.solve_triangular(L, eye, upper=False)
+    if method == "zca":
+        return _InverseSqrt.apply(cov, *_checked_eigh(cov))
     if method == "pca":
+        _checked_eigh(cov)
         eigenvalues, U = torch.linalg.eigh(cov)
-        _refuse_singular(eigenvalues[..., 0], eigenvalues[..., -1], n, cov.dtype)
         eigenvalues, U = eigenvalues.flip(-1), U.flip(-1)
         return U.mT / eigenvalues.sqrt().unsqueeze(-1)
-    with torch.no_grad():
-        eigenvalues, U = torch.linalg.eigh(cov)
-    _refuse_singular(eigenvalues[..., 0], eigenvalues[..., -1], n, cov.dtype)
-    return _InverseSqrt.apply(cov, eigenvalues, U)
+    L, info = torch.linalg.cholesky_ex(cov)
+    # The squared pivots of the factorisation play the eigenvalues' part; info > 0: not positive definite.
+    pivots = L.diagonal(dim1=-2, dim2=-1) ** 2
+    smallest = torch.where(info > 0, 0.0, pivots.amin(-1))
+    _refuse_singular(smallest, cov.diagonal(dim1=-2, dim2=-1).amax(-1), n, cov.dtype)
+    eye = torch.eye(n, dtype=cov.dtype, device=cov.device).expand_as(cov)
+    return torch.linalg.solve_triangular(L, eye, upper=False)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -151,31 +198,26 @@ def _check_whitenable(axis, method, b, d, groups, eps):
 
 
 def _whiten(z, axis, groups, method, eps, perm):
-    """z (..., b, d), perm (..., d) or None -> whitened (..., b, d) in z's channel order."""
+    """z (..., b, d), perm (..., d) or None -> whitened (..., b, d) in z's channel order.
+
+    Both whiten the rows of a matrix x: CW the b samples of a group over its c channels, BW the
+    c channels of a group over the b samples (Ẑ = Z̄Wᵀ is Ẑᵀ = WZ̄ᵀ). Then Σ = x xᵀ/(k−1) is
+    Z̄Z̄ᵀ/(c−1) for CW and Z̄ᵀZ̄/(b−1) for BW, and the output is Wx.
+    """
     if perm is not None:
         z = z.gather(-1, perm.unsqueeze(-2).expand_as(z))
     if axis == "channel":
-        z = z - z.mean(-1, keepdim=True)
-        x = rearrange(z, "... b (g c) -> ... g b c", g=groups)
-        # Σ = Z̄Z̄ᵀ/(c−1): b×b, the samples' inner products over the group's channels
-        cov = einsum(x, x, "... g b c, ... g b2 c -> ... g b b2") / (x.shape[-1] - 1)
+        z = z - z.mean(-1, keepdim=True)  # one mean per sample, over all d channels
+        rows, columns = "g b c", "... b (g c)"
     else:
-        z = z - z.mean(-2, keepdim=True)
-        x = rearrange(z, "... b (g c) -> ... g b c", g=groups)
-        # Σ = Z̄ᵀZ̄/(b−1): c×c, the channels' covariance over the samples
-        cov = einsum(x, x, "... g b c, ... g b c2 -> ... g c c2") / (x.shape[-2] - 1)
-    if eps:
-        eye = torch.eye(cov.shape[-1], dtype=cov.dtype, device=cov.device)
-        # Σ ← (1−ε)Σ + εI
-        cov = (1 - eps) * cov + eps * eye
-    W = whitening_matrix(cov, method)
-    if axis == "channel":
-        # Ẑ = WZ̄
-        out = einsum(W, x, "... g b b2, ... g b2 c -> ... g b c")
+        z = z - z.mean(-2, keepdim=True)  # one mean per channel, over the b samples
+        rows, columns = "g c b", "... b (g c)"
+    x = rearrange(z, f"{columns} -> ... {rows}", g=groups)
+    if method == "zca":
+        white = _ZCAWhitenRows.apply(x, eps)
     else:
-        # Ẑ = Z̄Wᵀ
-        out = einsum(x, W, "... g b c2, ... g c c2 -> ... g b c")
-    out = rearrange(out, "... g b c -> ... b (g c)")
+        white = whitening_matrix(_covariance(x, eps), method) @ x
+    out = rearrange(white, f"... {rows} -> {columns}")
     if perm is not None:
         # scatter puts channel k back at perm[k]; its backward is a gather, cheaper than scatter_add
         out = torch.empty_like(out).scatter(-1, perm.unsqueeze(-2).expand_as(out), out)
