@@ -222,6 +222,22 @@ def test_cholesky_output_is_gram_schmidt(problem, seed):
     torch.testing.assert_close(out.view(b, groups, c).transpose(0, 1), expected)
 
 
+@settings(max_examples=30, deadline=None)
+@given(st.integers(4, 12), st.floats(1e-7, 1e-3), seeds)
+def test_pca_whitening_jumps_where_zca_and_cholesky_move_smoothly(b, delta, seed):
+    """Near repeated eigenvalues (where a whitening loss drives the embedding) a tiny mixing of two
+    channels, z → z(I + δJ), rotates PCA's eigenvectors by ~45°, so its output jumps by O(1);
+    ZCA and Cholesky outputs move by at most O(δ). This is why PCA's whitened target is unstable."""
+    z = white_embedding("batch", b, 2, seed) * torch.tensor([math.sqrt(1 + 1e-10), 1.0], dtype=torch.float64)
+    mixed = z @ torch.tensor([[1.0, delta], [delta, 1.0]], dtype=torch.float64)
+
+    def change(method):
+        before = batch_whiten(z, method=method)
+        return ((batch_whiten(mixed, method=method) - before).norm() / before.norm()).item()
+    assert change("pca") > 0.5
+    assert change("zca") < 10 * delta and change("cholesky") < 10 * delta
+
+
 # ----------------------------------------------------------------------------------------------
 # 4. Random group partition
 
