@@ -304,20 +304,24 @@ def test_batch_whitening_forgets_any_invertible_mixing(problem, seed):
     torch.testing.assert_close(Q.T @ Q, torch.eye(groups * c, dtype=torch.float64))
 
 
-@settings(max_examples=60, deadline=None)
-@given(st.sampled_from(["batch", "channel"]), st.sampled_from(["zca", "cholesky"]), st.integers(1, 4), seeds)
-def test_rank_deficient_input_is_refused_or_shrunk_to_its_rank(axis, method, rank, seed):
-    """A rank-deficient embedding (duplicated directions) is refused without shrinkage; with ε > 0
-    the output is finite and has exactly the centred input's rank."""
+@settings(max_examples=80, deadline=None)
+@given(st.sampled_from(["batch", "channel"]), st.sampled_from(["zca", "cholesky", "pca"]), st.integers(1, 4),
+       st.sampled_from([torch.float64, torch.float32]), seeds)
+def test_rank_deficient_input_is_refused_or_shrunk_to_its_rank(axis, method, rank, dtype, seed):
+    """A rank-deficient embedding (a product of thin factors, rounded to its dtype) is refused
+    without shrinkage; with ε > 0 the output is finite and has the centred input's rank."""
     gen = torch.Generator().manual_seed(seed)
     b, d = (12, 8) if axis == "batch" else (8, 12)
     z = torch.randn(b, rank, generator=gen, dtype=torch.float64) @ torch.randn(rank, d, generator=gen, dtype=torch.float64)
+    z = z.to(dtype)
     with pytest.raises(ValueError, match="singular"):
         WHITEN[axis](z, method=method)
-    out = WHITEN[axis](z, method=method, eps=0.1)
+    out = WHITEN[axis](z, method=method, eps=0.1).double()
+    z = z.double()
     centred = z - (z.mean(1, keepdim=True) if axis == "channel" else z.mean(0))
     assert torch.isfinite(out).all()
-    assert torch.linalg.matrix_rank(out) == torch.linalg.matrix_rank(centred)
+    rtol = 1e-5 if dtype == torch.float32 else None  # float32 rounding is rank noise at ~1e-7
+    assert torch.linalg.matrix_rank(out, rtol=rtol) == torch.linalg.matrix_rank(centred, rtol=rtol) <= rank
 
 
 # ----------------------------------------------------------------------------------------------
