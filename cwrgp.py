@@ -13,10 +13,11 @@ with W Σ Wᵀ = I from ZCA (W = Σ^(-1/2)), Cholesky (W = L⁻¹, Σ = LLᵀ) o
 The loss pulls the whitened views together: L = (1/m) Σ_rows ‖Φ(Z₁) − Φ(Z₂)‖².
 
 What this file adds to the released recipe: every view, sub-batch, group and repetition of a step
-is whitened by one batched decomposition; half-precision inputs are whitened in float32; ZCA has an
-exact backward that stays finite when eigenvalues repeat; shapes that cannot be whitened are refused
-with the rule and the fix. Axis letters: i repetitions, v views, n sub-batches, b samples, d
-channels, g groups, c channels per group.
+is whitened by one batched decomposition; the small covariances are formed and decomposed in
+float64 and everything else runs in float32 (half-precision inputs and autocast included); ZCA has
+an exact backward that stays finite when eigenvalues repeat; shapes that cannot be whitened are
+refused with the rule and the fix. Axis letters: i repetitions, v views, n sub-batches, b samples,
+d channels, g groups, c channels per group.
 """
 
 import torch

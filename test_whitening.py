@@ -448,6 +448,23 @@ def test_loss_is_symmetric_bounded_and_averages_pairs(problem, seed):
     torch.testing.assert_close(loss(z1, z2, z3), (loss(z1, z2) + loss(z1, z3) + loss(z2, z3)) / 3)
 
 
+@settings(max_examples=40, deadline=None)
+@given(problems(methods=("zca", "cholesky"), dtype=torch.float64), seeds)
+def test_symmetric_loss_has_the_gradient_of_two_stop_gradient_losses(problem, seed):
+    """The paper's decomposition: L = ‖Ẑ₁ − Ẑ₂‖² and L′ = ‖Ẑ₁ − sg(Ẑ₂)‖² + ‖sg(Ẑ₁) − Ẑ₂‖² have the
+    same gradient: each view is pulled toward the other's whitened output as a fixed target."""
+    axis, method, b, groups, c, _ = problem
+    z1, z2 = (embedding(seed + k, b, groups * c, requires_grad=True) for k in range(2))
+
+    def gradients(loss_of):
+        w1, w2 = (WHITEN[axis](z, groups=groups, method=method) for z in (z1, z2))
+        return torch.autograd.grad(loss_of(w1, w2), (z1, z2))
+    symmetric = gradients(lambda w1, w2: (w1 - w2).pow(2).sum())
+    asymmetric = gradients(lambda w1, w2: (w1 - w2.detach()).pow(2).sum() + (w1.detach() - w2).pow(2).sum())
+    for a, e in zip(symmetric, asymmetric):
+        torch.testing.assert_close(a, e)
+
+
 def test_recipe_defaults_and_module():
     """cw_rgp_loss is CW/ZCA/g=4/sub_batch=64, w_mse_loss is BW/Cholesky/g=1/sub_batch=128, and
     CWRGPLoss computes cw_rgp_loss; arguments override the defaults."""
