@@ -233,17 +233,17 @@ def _whiten(z, axis, groups, method, eps, perm):
         z = z.gather(-1, perm.unsqueeze(-2).expand_as(z))
     if axis == "channel":
         z = z - z.mean(-1, keepdim=True)  # one mean per sample, over all d channels
-        rows, columns = "g b c", "... b (g c)"
+        rows = "g b c"
     else:
         z = z - z.mean(-2, keepdim=True)  # one mean per channel, over the b samples
-        rows, columns = "g c b", "... b (g c)"
-    x = rearrange(z, f"{columns} -> ... {rows}", g=groups)
+        rows = "g c b"
+    x = rearrange(z, f"... b (g c) -> ... {rows}", g=groups)
     if method == "zca":
         white = _ZCAWhitenRows.apply(x, eps)
     else:
         W = _whitening_matrix(_covariance(x, eps), method, _data_tolerance(x))
         white = W.to(x.dtype) @ x
-    out = rearrange(white, f"... {rows} -> {columns}")
+    out = rearrange(white, f"... {rows} -> ... b (g c)")
     if perm is not None:
         # scatter puts channel k back at perm[k]; its backward is a gather, cheaper than scatter_add
         out = torch.empty_like(out).scatter(-1, perm.unsqueeze(-2).expand_as(out), out)
@@ -255,7 +255,9 @@ def _whiten_one(z, axis, groups, method, eps, perm):
         raise ValueError(f"expected a (b, d) embedding, got shape {tuple(z.shape)}")
     b, d = z.shape
     _check_whitenable(axis, method, b, d, groups, eps)
-    if perm is not None and (perm.shape != (d,) or not torch.equal(perm.sort().values, torch.arange(d, device=perm.device))):
+    if perm is not None and (
+        perm.shape != (d,) or not torch.equal(perm.sort().values, torch.arange(d, device=perm.device))
+    ):
         raise ValueError(f"perm must be a permutation of range({d}), got shape {tuple(perm.shape)}")
     with torch.autocast(z.device.type, enabled=False):
         return _whiten(z.to(_compute_dtype(z)), axis, groups, method, eps, perm)

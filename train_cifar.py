@@ -22,7 +22,7 @@ Measured (docs/results.md): Fashion-MNIST, --arch convnet, 2-core CPU, about 15 
 see that file for the per-epoch kNN table against raw pixels and the commands.
 """
 
-import argparse, datetime, gzip, json, math, os, shlex, struct, sys, time
+import argparse, datetime, gzip, json, math, os, pathlib, shlex, struct, sys, time
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -108,7 +108,7 @@ def resolve_config(argv):
 # Data: whole splits as uint8 (n, c, h, w) tensors
 
 def read_idx(path):
-    with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+    with gzip.open(path, "rb") as f:
         raw = f.read()
     ndim = raw[3]
     shape = struct.unpack(f">{ndim}I", raw[4:4 + 4 * ndim])
@@ -116,11 +116,11 @@ def read_idx(path):
 
 
 def load_fashion_mnist(data_dir):
-    for folder in (data_dir, os.path.join(data_dir, "fashion-mnist"), "/usr/share/datasets/fashion-mnist"):
-        find = lambda name: next((os.path.join(folder, name + ext) for ext in (".gz", "")
-                                  if os.path.exists(os.path.join(folder, name + ext))), None)
-        files = [find(f"{s}-{k}-idx{n}-ubyte") for s in ("train", "t10k") for k, n in (("images", 3), ("labels", 1))]
-        if all(files):
+    folders = (data_dir, os.path.join(data_dir, "FashionMNIST", "raw"), "/usr/share/datasets/fashion-mnist")
+    for folder in folders:
+        files = [os.path.join(folder, f"{split}-{kind}-ubyte.gz")
+                 for split in ("train", "t10k") for kind in ("images-idx3", "labels-idx1")]
+        if all(map(os.path.exists, files)):
             xs = [read_idx(f) for f in files]
             return xs[0].unsqueeze(1), xs[1].long(), xs[2].unsqueeze(1), xs[3].long()
     sys.exit(f"error: Fashion-MNIST idx files not found in {data_dir} or /usr/share/datasets/fashion-mnist; "
@@ -169,8 +169,8 @@ def augment(x, cfg, gen):
     n, c, h, w = x.shape
     rand = lambda *shape: torch.rand(*shape, generator=gen, device=x.device)
     x = x.float() / 255
-    # Random resized crop as torchvision samples it (10 tries of area and log-ratio, first box that
-    # fits wins, else the whole image), batched; flip folds into the same affine warp.
+    # Random resized crop sampled as torchvision does (10 tries of area and log-ratio, the first box
+    # that fits wins, else the whole image) but with continuous boxes; flip folds into the same warp.
     area = cfg.crop_scale[0] + (cfg.crop_scale[1] - cfg.crop_scale[0]) * rand(n, 10)
     log_lo, log_hi = math.log(cfg.crop_ratio[0]), math.log(cfg.crop_ratio[1])
     ratio = torch.exp(log_lo + (log_hi - log_lo) * rand(n, 10))
@@ -201,13 +201,13 @@ def augment(x, cfg, gen):
 
 
 YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+YIQ_INV = torch.linalg.inv(YIQ)
 
 
 def rotate_hue(x, angle):
     cos, sin, one, zero = angle.cos(), angle.sin(), torch.ones_like(angle), torch.zeros_like(angle)
     rot = torch.stack([one, zero, zero, zero, cos, -sin, zero, sin, cos], 1).view(-1, 3, 3)
-    yiq = YIQ.to(x.device)
-    m = torch.linalg.inv(yiq) @ rot @ yiq  # (n, 3, 3): luma kept, chroma rotated
+    m = YIQ_INV.to(x.device) @ rot @ YIQ.to(x.device)  # (n, 3, 3): luma kept, chroma rotated
     return torch.einsum("nij,njhw->nihw", m, x)
 
 
@@ -319,13 +319,12 @@ def linear_probe(train_f, train_y, test_f, test_y, args):
 
 def save_atomic(path, write):
     # A kill mid-write leaves the temp file, never a truncated checkpoint or log.
-    tmp = path + ".tmp"
-    write(tmp)
-    os.replace(tmp, path)
+    write(path + ".tmp")
+    os.replace(path + ".tmp", path)
 
 
 def write_text(path, text):
-    save_atomic(path, lambda p: open(p, "w").write(text))
+    save_atomic(path, lambda tmp: pathlib.Path(tmp).write_text(text))
 
 
 class Timer:
@@ -373,7 +372,7 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     cuda = device.type == "cuda"
     torch.backends.cudnn.benchmark = cuda
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda)
     os.makedirs(args.out, exist_ok=True)
     print("command: python train_cifar.py " + shlex.join(argv))
     print("config: " + " ".join(f"{k}={v}" for k, v in vars(args).items()) + f" (device {device}, torch {torch.__version__})")
