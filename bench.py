@@ -28,71 +28,55 @@ def svd_zca(cov):
     return U @ torch.diag(S.rsqrt()) @ U.T
 
 
-def loop_loss(views, samples, channels, axis, method, groups, sub_batch):
-    """One decomposition per (repetition, sub-batch, view, group), as the released code."""
-    views_total, b, d = len(views), *views[0].shape
+def per_group_whiten(x, perm, axis, method, groups):
+    """One decomposition per group, with autograd through each SVD."""
+    b, d = x.shape
     c = d // groups
-    loss = 0.0
+    x = x[:, perm]
+    x = x - (x.mean(1, keepdim=True) if axis == "channel" else x.mean(0, keepdim=True))
+    out = torch.empty_like(x)
+    for j in range(groups):
+        xg = x[:, j * c:(j + 1) * c]
+        cov = xg @ xg.T / (c - 1) if axis == "channel" else xg.T @ xg / (b - 1)
+        W = svd_zca(cov) if method == "zca" else torch.linalg.inv(torch.linalg.cholesky(cov))
+        out[:, j * c:(j + 1) * c] = W @ xg if axis == "channel" else xg @ W.T
+    unpermuted = torch.empty_like(out)
+    unpermuted[:, perm] = out
+    return unpermuted
+
+
+def released_style_whiten(x, perm, axis, method, groups):
+    """The authors' structure: one batched SVD over the groups, the channel order restored through
+    a Python list."""
+    b, d = x.shape
+    c = d // groups
+    shuffle = perm.tolist()
+    x = x - (x.mean(1, keepdim=True) if axis == "channel" else x.mean(0, keepdim=True))
+    x = x[:, shuffle].reshape(b, groups, c).transpose(0, 1)  # (g, b, c)
+    cov = x @ x.mT / (c - 1) if axis == "channel" else x.mT @ x / (b - 1)
+    if method == "zca":
+        U, S, _ = torch.linalg.svd(cov)
+        W = U @ torch.diag_embed(S.rsqrt()) @ U.mT
+    else:
+        W = torch.linalg.inv(torch.linalg.cholesky(cov))
+    out = W @ x if axis == "channel" else x @ W.mT
+    restore = [shuffle.index(j) for j in range(d)]
+    return out.transpose(0, 1).reshape(b, d)[:, restore]
+
+
+def looped_loss(whiten, views, samples, channels, axis, method, groups, sub_batch):
+    """A loop over repetitions, sub-batches and views, one `whiten` call each; 2 − 2·cos between
+    matching rows, mean over rows, pairs and repetitions."""
+    loss, pairs = 0.0, len(views) * (len(views) - 1) // 2
     for i in range(samples.shape[0]):
         whitened = [torch.empty_like(z) for z in views]
         for k, rows in enumerate(samples[i].view(-1, sub_batch)):
             for v, z in enumerate(views):
-                perm = channels[i, v, k]
-                x = z[rows][:, perm]
-                x = x - (x.mean(1, keepdim=True) if axis == "channel" else x.mean(0, keepdim=True))
-                out = torch.empty_like(x)
-                for j in range(groups):
-                    xg = x[:, j * c:(j + 1) * c]
-                    if axis == "channel":
-                        cov = xg @ xg.T / (c - 1)
-                    else:
-                        cov = xg.T @ xg / (sub_batch - 1)
-                    if method == "zca":
-                        W = svd_zca(cov)
-                    else:
-                        W = torch.linalg.inv(torch.linalg.cholesky(cov))
-                    out[:, j * c:(j + 1) * c] = W @ xg if axis == "channel" else xg @ W.T
-                unpermuted = torch.empty_like(out)
-                unpermuted[:, perm] = out
-                whitened[v][rows] = unpermuted
-        for v in range(views_total):
-            for w in range(v + 1, views_total):
-                x0, x1 = F.normalize(whitened[v], dim=1), F.normalize(whitened[w], dim=1)
-                loss = loss + (x0 - x1).pow(2).sum(1).mean()
-    return loss / (samples.shape[0] * views_total * (views_total - 1) // 2)
-
-
-def released_style_loss(views, samples, channels, axis, method, groups, sub_batch):
-    """The released code's structure: a loop over repetitions, sub-batches and views, one batched
-    SVD over the groups per call, and the channel order restored through a Python list."""
-    views_total, (b, d) = len(views), views[0].shape
-    c = d // groups
-    loss = 0.0
-    for i in range(samples.shape[0]):
-        whitened = [torch.empty_like(z) for z in views]
-        for k, rows in enumerate(samples[i].view(-1, sub_batch)):
-            for v, z in enumerate(views):
-                shuffle = channels[i, v, k].tolist()
-                x = z[rows]
-                x = x - (x.mean(1, keepdim=True) if axis == "channel" else x.mean(0, keepdim=True))
-                x = x[:, shuffle].reshape(sub_batch, groups, c).transpose(0, 1)  # (g, b, c)
-                if axis == "channel":
-                    cov = x @ x.mT / (c - 1)
-                else:
-                    cov = x.mT @ x / (sub_batch - 1)
-                if method == "zca":
-                    U, S, _ = torch.linalg.svd(cov)
-                    W = U @ torch.diag_embed(S.rsqrt()) @ U.mT
-                else:
-                    W = torch.linalg.inv(torch.linalg.cholesky(cov))
-                out = W @ x if axis == "channel" else x @ W.mT
-                restore = [shuffle.index(j) for j in range(d)]
-                whitened[v][rows] = out.transpose(0, 1).reshape(sub_batch, d)[:, restore]
-        for v in range(views_total):
-            for w in range(v + 1, views_total):
-                x0, x1 = F.normalize(whitened[v], dim=1), F.normalize(whitened[w], dim=1)
-                loss = loss + (x0 - x1).pow(2).sum(1).mean()
-    return loss / (samples.shape[0] * views_total * (views_total - 1) // 2)
+                whitened[v][rows] = whiten(z[rows], channels[i, v, k], axis, method, groups)
+        unit = [F.normalize(w, dim=1) for w in whitened]
+        loss = loss + sum((unit[v] - unit[w]).pow(2).sum(1).mean()
+                          for v in range(len(unit)) for w in range(v + 1, len(unit)))
+    return loss / (samples.shape[0] * pairs)
 
 
 def timed(fn, device, repeats):
@@ -123,16 +107,17 @@ def main():
                 loss.backward()
                 return loss
 
-            def baseline(loss_fn):
+            def baseline(whiten):
                 def run():
                     samples, channels = random_group_partition(
                         V, b, d, kw["groups"], kw["sub_batch"], 1, torch.Generator(device).manual_seed(seed), device)
-                    loss = loss_fn(views, samples, channels, kw["axis"], kw["method"], kw["groups"], kw["sub_batch"])
+                    loss = looped_loss(whiten, views, samples, channels, kw["axis"], kw["method"], kw["groups"],
+                                       kw["sub_batch"])
                     loss.backward()
                     return loss
                 return run
 
-            looped, released = baseline(loop_loss), baseline(released_style_loss)
+            looped, released = baseline(per_group_whiten), baseline(released_style_whiten)
             reference = batched()
             difference = max((reference - looped()).abs().item(), (reference - released()).abs().item())
             repeats = 20 if device == "cuda" else 5
