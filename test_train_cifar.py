@@ -93,6 +93,15 @@ def test_resume_continues_identically(tmp_path, monkeypatch):
     assert strip(read_log(straight["out"])) == strip(read_log(resumed["out"]))
 
 
+def test_resume_extends_finished_run(tmp_path):
+    """--resume DIR --epochs N on a finished run trains the extra epochs, logs each, and probes again."""
+    first = run(tmp_path, "x", "--epochs", "1")
+    extended = train_cifar.main(["--resume", first["out"], "--epochs", "2"])
+    assert extended["status"] == "done"
+    assert [(row["epoch"], "linear_top1" in row) for row in read_log(first["out"])] == [
+        (1, False), (1, True), (2, False), (2, True)]
+
+
 @pytest.mark.parametrize("failure", ["nan", "singular"])
 def test_nonfinite_loss_stops_and_keeps_checkpoint(tmp_path, monkeypatch, failure):
     """A non-finite loss (NaN, or the loss refusing a singular covariance) in epoch 2 stops the run

@@ -9,7 +9,7 @@ evaluated by 5-NN (Euclidean) and a linear probe on the frozen encoder features.
 lives in cwrgp.py; everything about devices, precision and data is here.
 
     python train_cifar.py --groups 4                                  # CIFAR-10, GPU
-    python train_cifar.py --dataset fashion-mnist --arch convnet      # 2 CPU cores, no download
+    python train_cifar.py --dataset fashion-mnist --arch convnet --crop-scale 0.5 1   # CPU, no download
     python train_cifar.py --method wmse | --method plain              # W-MSE / no whitening
 
 The images stay on the device as uint8 and the views are made there with batched tensor ops, so no
@@ -18,8 +18,10 @@ colour jitter applies its four parts in a fixed order (brightness, contrast, sat
 the hue shift is a rotation of the chroma plane in YIQ space rather than a shift of H in HSV.
 images/s counts source images (not views) per second of training, excluding evaluation.
 
-Measured (docs/results.md): Fashion-MNIST, --arch convnet, 2-core CPU, about 15 minutes per run;
-see that file for the per-epoch kNN table against raw pixels and the commands.
+Measured (docs/results.md; Fashion-MNIST, --arch convnet --crop-scale 0.5 1, 10 epochs, about 15
+minutes of training each on 2 CPU cores): 5-NN top-1 0.863 (CW-RGP), 0.861 (W-MSE) and 0.640 with no
+whitening, which collapses to stable rank 1, against 0.855 for raw pixels; linear probe 0.872 / 0.877
+/ 0.663. The 0.88 5-NN the issue asked of CW-RGP within 10 epochs was not reached.
 """
 
 import argparse, datetime, gzip, json, math, os, pathlib, shlex, struct, sys, time
@@ -233,7 +235,7 @@ def resnet18(channels):
 
 
 def convnet(channels, width):
-    # Sized so that a Fashion-MNIST epoch (2 x 60k views) takes about a minute on 2 CPU cores.
+    # Sized so that a Fashion-MNIST epoch (2 x 60k views) trains in about 70 s on 2 idle CPU cores.
     block = lambda i, o: [nn.Conv2d(i, o, 3, padding=1, bias=False), nn.BatchNorm2d(o), nn.ReLU(inplace=True)]
     layers = block(channels, width // 2) + [nn.MaxPool2d(2)] + block(width // 2, width) + [nn.MaxPool2d(2)]
     layers += block(width, 2 * width) + block(2 * width, 4 * width) + [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
@@ -278,7 +280,8 @@ def features(encoder, x, autocast, batch=1024):
 
 @torch.no_grad()
 def knn_top1(bank, bank_y, query, query_y, k, metric, temperature=0.1, chunk=512):
-    """k-NN top-1: 'euclidean' = majority vote; 'cosine' = votes weighted by exp(cos / T)."""
+    """k-NN top-1: 'euclidean' = majority vote (ties to the lowest class, as W-MSE's code);
+    'cosine' = votes weighted by exp(cos / T)."""
     classes = int(bank_y.max()) + 1
     if metric == "cosine":
         bank, query = F.normalize(bank, dim=1), F.normalize(query, dim=1)
@@ -297,10 +300,11 @@ def knn_top1(bank, bank_y, query, query_y, k, metric, temperature=0.1, chunk=512
 
 def linear_probe(train_f, train_y, test_f, test_y, args):
     gen = torch.Generator(device=train_f.device).manual_seed(args.seed)
-    torch.manual_seed(args.seed)
+    torch.manual_seed(args.seed)  # the probe's init must not depend on how long training ran
     clf = nn.Linear(train_f.shape[1], int(train_y.max()) + 1).to(train_f.device)
     opt = torch.optim.Adam(clf.parameters(), lr=args.probe_lr, weight_decay=args.probe_wd)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, args.probe_epochs, eta_min=1e-6)
+    # Geometric decay from probe_lr to 1e-6 over the epochs, as W-MSE's evaluation code does.
+    sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=(1e-6 / args.probe_lr) ** (1 / args.probe_epochs))
     for _ in range(args.probe_epochs):
         perm = torch.randperm(len(train_f), generator=gen, device=train_f.device)
         for i in range(0, len(perm), args.probe_batch):
@@ -328,31 +332,32 @@ def write_text(path, text):
 
 
 class Timer:
-    """Training time: CUDA events (no sync per step) on GPU, perf_counter on CPU."""
+    """Training time: CUDA events on GPU (no sync per step), perf_counter on CPU."""
 
     def __init__(self, device):
-        self.cuda = device.type == "cuda"
-        self.running = False
+        self.cuda, self.running = device.type == "cuda", False
+
+    def now(self):
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
 
     def start(self):
-        if self.cuda:
-            self.begin = torch.cuda.Event(enable_timing=True)
-            self.begin.record()
-        else:
-            self.begin = time.perf_counter()
-        self.running = True
+        self.begin, self.running = self.now(), True
 
     def stop(self):
-        self.running = False
+        end, self.running = self.now(), False
         if not self.cuda:
-            return time.perf_counter() - self.begin
-        end = torch.cuda.Event(enable_timing=True)
-        end.record()
+            return end - self.begin
         end.synchronize()
         return self.begin.elapsed_time(end) / 1000
 
 
 def lr_at(step, steps_per_epoch, args):
+    # A drop at epoch E - k <= 0 is skipped: runs of 25 epochs or fewer keep the base rate after
+    # warm-up. Scaling the drops into a 10-epoch Fashion-MNIST run gave no kNN gain (docs/results.md).
     epoch = step // steps_per_epoch
     drops = sum(1 for before in args.drop_at if 0 < args.epochs - before <= epoch)
     return args.lr * min(1.0, (step + 1) / args.warmup) * args.drop_factor ** drops
@@ -396,9 +401,11 @@ def main(argv=None):
     if steps_per_epoch == 0:
         sys.exit(f"error: {len(train_x)} training images is less than one batch of {args.batch_size}")
     total_steps = args.epochs * steps_per_epoch
-    st = {"step": 0, "perm": None, "acc": None, "log": [], "elapsed": 0.0, "train_s": 0.0}
+    st = {"step": 0, "epochs_logged": 0, "perm": None, "acc": None, "log": [], "elapsed": 0.0, "train_s": 0.0}
     ckpt_path = os.path.join(args.out, "ckpt.pt")
     if args.resume:
+        if not os.path.exists(ckpt_path):
+            sys.exit(f"error: {ckpt_path} does not exist: the run stopped before its first checkpoint")
         ck = torch.load(ckpt_path, map_location=device, weights_only=True)
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["opt"])
@@ -441,6 +448,7 @@ def main(argv=None):
         epochs_this_session += 1
         row["train_s"], row["elapsed_s"] = st["train_s"], elapsed()
         st["log"].append(row)
+        st["epochs_logged"] = epoch
         eta = (row["elapsed_s"] - elapsed_before) / epochs_this_session * (args.epochs - epoch)
         show = lambda v, f: format(v, f) if v is not None else "-"
         print(f"{epoch:>5} {row['loss']:>7.4f} {show(row['knn_top1'], '>7.4f'):>7} {show(row['knn5_top1'], '>7.4f'):>7} "
@@ -455,7 +463,7 @@ def main(argv=None):
         while True:
             gen_snapshot = gen.get_state()  # what a Ctrl-C checkpoint restores: the state before this step
             epoch, i = divmod(st["step"], steps_per_epoch)
-            if i == 0 and st["step"] > 0 and len(st["log"]) < epoch:
+            if i == 0 and st["epochs_logged"] < epoch:
                 finish_epoch(epoch)
             if st["step"] >= total_steps:
                 break
