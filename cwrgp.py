@@ -169,8 +169,10 @@ def _whitening_matrix(cov, method, relative_tolerance):
     if method == "zca":
         return _InverseSqrt.apply(cov, *_checked_eigh(cov, relative_tolerance))
     if method == "pca":
-        _checked_eigh(cov, relative_tolerance)
+        # Autograd through eigh: PCA's output depends on the eigenvectors themselves.
+        _refuse_non_finite(cov)
         eigenvalues, U = torch.linalg.eigh(cov)
+        _refuse_singular(eigenvalues[..., 0].detach(), eigenvalues[..., -1].detach(), relative_tolerance)
         eigenvalues, U = eigenvalues.flip(-1), U.flip(-1)
         return U.mT / eigenvalues.sqrt().unsqueeze(-1)
     _refuse_non_finite(cov)
