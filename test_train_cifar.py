@@ -39,6 +39,7 @@ def test_fake_end_to_end(tmp_path):
         assert EPOCH_KEYS <= row.keys()
         assert 0 <= row["knn_top1"] <= 1 and 0 <= row["knn5_top1"] <= 1
         assert math.isfinite(row["loss"]) and row["stable_rank"] >= 1 and row["images_per_s"] > 0
+        assert len(row["embedding_spectrum"]) == len(row["whitened_spectrum"]) == 512
     assert 0 <= log[-1]["linear_top1"] <= 1
     with open(os.path.join(result["out"], "config.json")) as f:
         assert json.load(f)["groups"] == 4
@@ -171,6 +172,25 @@ def test_knn_votes():
     assert train_cifar.knn_top1(bank, labels, query, query_labels, 6, "cosine", 0.1) == 1.0
     # Euclidean 3-NN of (0, 2.5) is all class 0; flipping the bank's labels makes it wrong.
     assert train_cifar.knn_top1(bank, 1 - labels, query[:1], query_labels[:1], 3, "euclidean") == 0.0
+
+
+@pytest.mark.parametrize("method", ["wmse", "cwrgp"])
+def test_logged_spectra(method):
+    """The embedding spectrum is that of the float64 channel covariance. One sub-batch of BW output
+    has covariance I, so every eigenvalue is 1; one group of CW output (b samples, c channels) has
+    orthogonal rows of squared norm c−1, so after centring its channels it has b−1 eigenvalues
+    (c−1)/(b−1) and the rest 0."""
+    b, d = 32, 16 if method == "wmse" else 48
+    args = train_cifar.resolve_config(["--method", method, "--groups", "1", "--sub-batch", str(b), "--emb", str(d)])
+    z = torch.randn(b, d, generator=torch.Generator().manual_seed(0)) @ torch.randn(d, d)
+    logged = train_cifar.spectra(z, args)
+    reference = torch.linalg.eigvalsh(torch.cov(z.double().T)).flip(0)
+    torch.testing.assert_close(torch.tensor(logged["embedding_spectrum"]).double(), reference, rtol=1e-3, atol=1e-9)
+    white = torch.tensor(logged["whitened_spectrum"]).double()
+    expected = torch.ones(d) if method == "wmse" else torch.cat([torch.full((b - 1,), (d - 1) / (b - 1)), torch.zeros(d - b + 1)])
+    torch.testing.assert_close(white, expected.double(), rtol=1e-3, atol=1e-9)
+    plain = train_cifar.spectra(z, train_cifar.resolve_config(["--method", "plain"]))
+    assert plain["whitened_spectrum"] is None
 
 
 def test_lr_schedule():

@@ -30,7 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
-from cwrgp import whitening_loss, stable_rank
+from cwrgp import batch_whiten, channel_whiten, whitening_loss, stable_rank
 
 
 def build_parser():
@@ -265,6 +265,30 @@ def compute_loss(zs, args, gen):
                           method=args.whiten, eps=args.eps, generator=gen)
 
 
+def channel_spectrum(z):
+    """Eigenvalues, largest first, of the (d, d) channel covariance of a (b, d) batch; 4 digits
+    each, to keep the JSON log readable."""
+    z = z - z.mean(0)
+    eigenvalues = torch.linalg.eigvalsh(z.T @ z / (len(z) - 1)).flip(0)
+    return [float(f"{v:.4g}") for v in eigenvalues.tolist()]
+
+
+@torch.no_grad()
+def spectra(z, args):
+    """The spectrum of one view's embedding and of its whitened output as the loss sees it
+    (sub-batch by sub-batch; channels in their own order, one draw of the random partition)."""
+    z = z.detach().double()
+    logged = {"embedding_spectrum": channel_spectrum(z), "whitened_spectrum": None}
+    if args.method != "plain":
+        whiten = channel_whiten if args.method == "cwrgp" else batch_whiten
+        try:
+            white = torch.cat([whiten(part, args.groups, args.whiten, args.eps) for part in z.split(args.sub_batch)])
+        except ValueError:  # a refused partition here is no reason to stop a run the loss let through
+            return logged
+        logged["whitened_spectrum"] = channel_spectrum(white)
+    return logged
+
+
 # ----------------------------------------------------------------------------------------------
 # Evaluation on frozen encoder features
 
@@ -447,6 +471,7 @@ def main(argv=None):
         st["train_s"] += acc["train_s"]
         epochs_this_session += 1
         row["train_s"], row["elapsed_s"] = st["train_s"], elapsed()
+        row.update(acc.get("spectra", {}))
         st["log"].append(row)
         st["epochs_logged"] = epoch
         eta = (row["elapsed_s"] - elapsed_before) / epochs_this_session * (args.epochs - epoch)
@@ -503,8 +528,9 @@ def main(argv=None):
             st["acc"]["loss"] += loss_value
             st["acc"]["lr"] = lr
             st["step"] += 1
-            if i == steps_per_epoch - 1:  # the paper's indicator, on the epoch's last batch
+            if i == steps_per_epoch - 1:  # the paper's indicator and the spectra, on the epoch's last batch
                 st["acc"]["stable_rank"] = stable_rank(zs[0]).item()
+                st["acc"]["spectra"] = spectra(zs[0], args)
         if args.probe_epochs and "linear_top1" not in st["log"][-1]:
             train_f, test_f = features(model["encoder"], train_x, autocast), features(model["encoder"], test_x, autocast)
             top1 = linear_probe(train_f, train_y, test_f, test_y, args)
