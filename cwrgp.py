@@ -61,13 +61,22 @@ def _data_tolerance(x):
     return max((k * torch.finfo(x.dtype).eps) ** 2, n * torch.finfo(torch.float64).eps)
 
 
+# cuSOLVER decomposes a batch of n×n matrices with n > 32 one matrix at a time, hundreds of small
+# kernels each; up to this n, LAPACK on the host is faster, transfers included (docs/results.md).
+_HOST_EIGH_MAX_N = 256
+
+
 def _checked_eigh(cov, relative_tolerance):
-    """Eigendecomposition (float64, no autograd) of covariances that must be finite and full rank."""
-    _refuse_non_finite(cov)
-    with torch.no_grad():
-        eigenvalues, U = torch.linalg.eigh(cov.double())
+    """Eigendecomposition (float64, no autograd) of covariances that must be finite and full rank.
+    Small CUDA covariances are decomposed on the host; the checks run there too, so the step
+    waits for the device once."""
+    work = cov.detach().double()
+    if work.is_cuda and work.shape[-1] <= _HOST_EIGH_MAX_N:
+        work = work.cpu()
+    _refuse_non_finite(work)
+    eigenvalues, U = torch.linalg.eigh(work)
     _refuse_singular(eigenvalues[..., 0], eigenvalues[..., -1], relative_tolerance)
-    return eigenvalues, U
+    return eigenvalues.to(cov.device), U.to(cov.device)
 
 
 def _divided_differences(s):

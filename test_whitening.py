@@ -12,6 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import cwrgp
 from cwrgp import (CWRGPLoss, batch_whiten, channel_whiten, cw_rgp_loss, random_group_partition,
                    stable_rank, w_mse_loss, whitening_loss, whitening_matrix)
 
@@ -561,3 +562,27 @@ def test_half_precision_and_autocast_whiten_in_float32():
     assert inside.dtype == torch.float32
     torch.testing.assert_close(inside, cw_rgp_loss(*views, generator=gen()))
     assert cw_rgp_loss(*[v.double() for v in views], generator=gen()).dtype == torch.float64
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_host_and_device_decompositions_agree(monkeypatch):
+    """On CUDA the ZCA loss and its gradients are the same whether the small covariances are
+    decomposed on the host (the default up to n = 256) or by cuSOLVER on the device; and with one
+    group and one sub-batch, where the partition cannot matter for ZCA, they equal the CPU's."""
+    views = views_of(256, 512)
+
+    def loss_and_grads(device, **kw):
+        leaves = [v.to(device).requires_grad_() for v in views]
+        loss = cw_rgp_loss(*leaves, generator=torch.Generator(device).manual_seed(0), **kw)
+        loss.backward()
+        return [loss.cpu()] + [v.grad.cpu() for v in leaves]
+
+    results = {}
+    for host_max_n in (256, 0):
+        monkeypatch.setattr(cwrgp, "_HOST_EIGH_MAX_N", host_max_n)
+        results[host_max_n] = loss_and_grads("cuda")
+        whole = loss_and_grads("cuda", groups=1, sub_batch=256)
+        for got, expected in zip(whole, loss_and_grads("cpu", groups=1, sub_batch=256)):
+            torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-6)
+    for host, device in zip(results[256], results[0]):
+        torch.testing.assert_close(host, device, rtol=1e-3, atol=1e-6)
