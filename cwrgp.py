@@ -61,17 +61,18 @@ def _data_tolerance(x):
     return max((k * torch.finfo(x.dtype).eps) ** 2, n * torch.finfo(torch.float64).eps)
 
 
-# cuSOLVER decomposes a batch of n×n matrices with n > 32 one matrix at a time, hundreds of small
-# kernels each; up to this n, LAPACK on the host is faster, transfers included (docs/results.md).
-_HOST_EIGH_MAX_N = 256
+# The n for which LAPACK on the host decomposes a batch of CUDA n×n covariances faster than cuSOLVER,
+# transfers included (H200, torch 2.11; docs/results.md). cuSOLVER covers n ≤ 32 with one batched
+# Jacobi kernel but takes larger matrices one at a time; above 128 its speed per matrix wins again.
+_HOST_EIGH_SIZES = range(33, 129)
 
 
 def _checked_eigh(cov, relative_tolerance):
     """Eigendecomposition (float64, no autograd) of covariances that must be finite and full rank.
-    Small CUDA covariances are decomposed on the host; the checks run there too, so the step
+    CUDA covariances of the sizes above are decomposed on the host, and checked there, so the step
     waits for the device once."""
     work = cov.detach().double()
-    if work.is_cuda and work.shape[-1] <= _HOST_EIGH_MAX_N:
+    if work.is_cuda and work.shape[-1] in _HOST_EIGH_SIZES:
         work = work.cpu()
     _refuse_non_finite(work)
     eigenvalues, U = torch.linalg.eigh(work)

@@ -566,23 +566,28 @@ def test_half_precision_and_autocast_whiten_in_float32():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_host_and_device_decompositions_agree(monkeypatch):
-    """On CUDA the ZCA loss and its gradients are the same whether the small covariances are
-    decomposed on the host (the default up to n = 256) or by cuSOLVER on the device; and with one
-    group and one sub-batch, where the partition cannot matter for ZCA, they equal the CPU's."""
-    views = views_of(256, 512)
+    """On CUDA, channel whitening of one sub-batch (64×64 covariances, decomposed on the host) and its
+    gradient equal the CPU's; and the loss and its gradients are the same whether the covariances
+    are decomposed on the host or by cuSOLVER on the device."""
+    views = [v.detach() for v in views_of(256, 512)]
+    weights = torch.randn(64, 512, generator=torch.Generator().manual_seed(1))
 
-    def loss_and_grads(device, **kw):
-        leaves = [v.to(device).requires_grad_() for v in views]
-        loss = cw_rgp_loss(*leaves, generator=torch.Generator(device).manual_seed(0), **kw)
+    def whiten_and_grad(device):
+        leaf = views[0][:64].to(device).requires_grad_()
+        out = channel_whiten(leaf, groups=4)
+        (out * weights.to(device)).sum().backward()
+        return [out.cpu(), leaf.grad.cpu()]
+
+    def loss_and_grads():
+        leaves = [v.cuda().requires_grad_() for v in views]
+        loss = cw_rgp_loss(*leaves, generator=torch.Generator("cuda").manual_seed(0))
         loss.backward()
         return [loss.cpu()] + [v.grad.cpu() for v in leaves]
 
-    results = {}
-    for host_max_n in (256, 0):
-        monkeypatch.setattr(cwrgp, "_HOST_EIGH_MAX_N", host_max_n)
-        results[host_max_n] = loss_and_grads("cuda")
-        whole = loss_and_grads("cuda", groups=1, sub_batch=256)
-        for got, expected in zip(whole, loss_and_grads("cpu", groups=1, sub_batch=256)):
-            torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-6)
-    for host, device in zip(results[256], results[0]):
-        torch.testing.assert_close(host, device, rtol=1e-3, atol=1e-6)
+    assert 64 in cwrgp._HOST_EIGH_SIZES
+    for got, expected in zip(whiten_and_grad("cuda"), whiten_and_grad("cpu")):
+        torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-5)
+    on_host = loss_and_grads()
+    monkeypatch.setattr(cwrgp, "_HOST_EIGH_SIZES", range(0))
+    for got, expected in zip(loss_and_grads(), on_host):
+        torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-6)
