@@ -1,17 +1,18 @@
 """
-Make the figures of docs/ from the trainer's logs in docs/logs/ (copied from runs/<name>/log.jsonl):
+Figures from the trainer's logs (runs/<name>/log.jsonl and config.json).
 
-  training.png  kNN top-1 and normalised stable rank per epoch: CW-RGP, W-MSE and the loss without
-                whitening, on Fashion-MNIST (docs/logs/fmnist-{cwrgp,wmse,plain}.jsonl, with the
-                runs' config.json beside them as fmnist-<name>.config.json)
-  spectrum.png  eigenvalues of the embedding's channel covariance during training, and of the
-                whitened output's, for BW (W-MSE) and CW (CW-RGP) (docs/logs/spectrum-{wmse,cwrgp}.jsonl)
+  training.png  kNN top-1 and normalised stable rank per epoch, one line per run
+  spectrum.png  one panel per run: eigenvalues of the channel covariance of the embedding (first,
+                middle and last epoch) and of the whitened output (last epoch), on the epoch's last batch
 
-    pip install -r docs/requirements.txt && python docs/figures.py
+    pip install -r docs/requirements.txt
+    python docs/figures.py                       # redraw docs/*.png from the runs kept in docs/logs/
+    python docs/figures.py runs/A runs/B         # draw both figures for your own runs, into runs/A
 """
 
 import json
 import pathlib
+import sys
 
 import matplotlib
 
@@ -20,54 +21,74 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 DOCS = pathlib.Path(__file__).parent
 LOGS = DOCS / "logs"
-RUNS = {"cwrgp": "CW-RGP (CW, ZCA, g=4)", "wmse": "W-MSE (BW, Cholesky)", "plain": "no whitening"}
 RAW_PIXEL_KNN5 = 0.855  # 5-NN Euclidean on raw pixels in [0, 1], docs/results.md
 
 
-def epochs_of(path):
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [row for row in rows if row.get("knn5_top1") is not None]
+def load_run(log, config):
+    rows = [json.loads(line) for line in pathlib.Path(log).read_text().splitlines() if line.strip()]
+    return {"epochs": [row for row in rows if "loss" in row], "config": json.loads(pathlib.Path(config).read_text())}
 
 
-def training_figure():
+def label(config):
+    if config["method"] == "plain":
+        return "no whitening"
+    name, axis = ("CW-RGP", "CW") if config["method"] == "cwrgp" else ("W-MSE", "BW")
+    return f"{name} ({axis}, {config['whiten']}, d={config['emb']}, g={config['groups']}, sub-batch {config['sub_batch']})"
+
+
+def training_figure(runs, path, title):
     fig, (knn, rank) = plt.subplots(1, 2, figsize=(10, 3.8))
-    for name, label in RUNS.items():
-        rows = epochs_of(LOGS / f"fmnist-{name}.jsonl")
+    for run in runs:
+        rows = [row for row in run["epochs"] if row.get("knn5_top1") is not None]
         epochs = [row["epoch"] for row in rows]
-        knn.plot(epochs, [row["knn5_top1"] for row in rows], marker="o", label=label)
-        dim = json.loads((LOGS / f"fmnist-{name}.config.json").read_text())["emb"]
-        rank.plot(epochs, [row["stable_rank"] / dim for row in rows], marker="o", label=label)
-    knn.axhline(RAW_PIXEL_KNN5, color="gray", linestyle="--", label="raw pixels")
-    knn.set(xlabel="epoch", ylabel="5-NN top-1 (test)", title="Fashion-MNIST, convnet, 2-core CPU")
+        knn.plot(epochs, [row["knn5_top1"] for row in rows], marker="o", label=label(run["config"]))
+        rank.plot(epochs, [row["stable_rank"] / run["config"]["emb"] for row in rows], marker="o")
+    if all(run["config"]["dataset"] == "fashion-mnist" and not run["config"]["limit"] for run in runs):
+        knn.axhline(RAW_PIXEL_KNN5, color="gray", linestyle="--", label="raw pixels")
+    knn.set(xlabel="epoch", ylabel="5-NN top-1 (test)", title=title)
     rank.set(xlabel="epoch", ylabel="stable rank / d", yscale="log", title="embedding stable rank (normalised)")
-    knn.legend()
+    knn.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(DOCS / "training.png", dpi=120)
+    fig.savefig(path, dpi=120)
 
 
-def spectrum_figure():
-    panels = {"wmse": "BW (W-MSE: Cholesky, d = 64, sub-batch 128)", "cwrgp": "CW (CW-RGP: ZCA, d = 512, g = 4, sub-batch 64)"}
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    for ax, (name, title) in zip(axes, panels.items()):
-        rows = [json.loads(line) for line in (LOGS / f"spectrum-{name}.jsonl").read_text().splitlines()]
-        rows = [row for row in rows if row.get("embedding_spectrum")]
-        shown = sorted({rows[0]["epoch"], rows[len(rows) // 2]["epoch"], rows[-1]["epoch"]})
-        colors = plt.cm.viridis([0.15, 0.5, 0.85])
-        for color, row in zip(colors, (row for row in rows if row["epoch"] in shown)):
+def spectrum_figure(runs, path, title):
+    runs = [run for run in runs if run["epochs"] and run["epochs"][-1].get("embedding_spectrum")]
+    fig, axes = plt.subplots(1, len(runs), figsize=(5 * len(runs), 3.8), squeeze=False)
+    for ax, run in zip(axes[0], runs):
+        rows = run["epochs"]
+        shown = [rows[0], rows[len(rows) // 2], rows[-1]] if len(rows) >= 3 else rows
+        for color, row in zip(plt.cm.viridis([0.15, 0.5, 0.85]), shown):
             spectrum = row["embedding_spectrum"]
             ax.plot(range(1, len(spectrum) + 1), [v / spectrum[0] for v in spectrum], color=color,
-                    label=f"embedding Z, epoch {row['epoch']}")
+                    label=f"embedding, epoch {row['epoch']}")
         white = rows[-1]["whitened_spectrum"]
-        ax.plot(range(1, len(white) + 1), [v / white[0] for v in white], "k--",
-                label=f"whitened output, epoch {rows[-1]['epoch']}")
+        if white:
+            ax.plot(range(1, len(white) + 1), [v / white[0] for v in white], "k--",
+                    label=f"whitened output, epoch {rows[-1]['epoch']}")
+        # Eigenvalues that are zero up to rounding (beyond the rank) fall below the axis.
         ax.set(xscale="log", yscale="log", ylim=(1e-6, 2), xlabel="eigenvalue index k",
-               ylabel="λ_k / λ_1 of the channel covariance", title=title)
+               ylabel="λ_k / λ_1", title=label(run["config"]).replace(" (", "\n("))
         ax.legend(fontsize=8, loc="lower left")
-    fig.suptitle("Fashion-MNIST, convnet, 2-core CPU: channel covariance of one view's batch of 256", fontsize=10)
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(DOCS / "spectrum.png", dpi=120)
+    fig.savefig(path, dpi=120)
+
+
+def main(run_dirs):
+    if run_dirs:
+        runs = [load_run(pathlib.Path(d) / "log.jsonl", pathlib.Path(d) / "config.json") for d in run_dirs]
+        out = pathlib.Path(run_dirs[0])
+        training_figure(runs, out / "training.png", f"{runs[0]['config']['dataset']}")
+        spectrum_figure(runs, out / "spectrum.png", "channel covariance of one view's batch")
+        print(f"wrote {out / 'training.png'} and {out / 'spectrum.png'}")
+        return
+    kept = lambda name: load_run(LOGS / f"{name}.jsonl", LOGS / f"{name}.config.json")  # noqa: E731
+    training_figure([kept(f"fmnist-{m}") for m in ("cwrgp", "wmse", "plain")], DOCS / "training.png",
+                    "Fashion-MNIST, convnet, 2-core CPU")
+    spectrum_figure([kept(f"spectrum-{m}") for m in ("wmse", "cwrgp")], DOCS / "spectrum.png",
+                    "Fashion-MNIST (20k images), convnet, 2-core CPU: channel covariance of one view's batch of 256")
 
 
 if __name__ == "__main__":
-    training_figure()
-    spectrum_figure()
+    main(sys.argv[1:])
