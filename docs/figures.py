@@ -4,6 +4,9 @@ Figures from the trainer's logs (runs/<name>/log.jsonl and config.json).
   training.png  kNN top-1 and normalised stable rank per epoch, one line per run
   spectrum.png  one panel per run: eigenvalues of the channel covariance of the embedding (first,
                 middle and last epoch) and of the whitened output (last epoch), on the epoch's last batch
+and one from cwrgp.py itself:
+  whitening.png a 2-D embedding batch-whitened by ZCA, Cholesky and PCA, and how far each output
+                moves when the embedding moves by δ near a repeated eigenvalue (derivations 1, 2, 6)
 
     pip install -r docs/requirements.txt
     python docs/figures.py                       # redraw docs/*.png from the runs kept in docs/logs/
@@ -15,11 +18,14 @@ import pathlib
 import sys
 
 import matplotlib
+import torch
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 DOCS = pathlib.Path(__file__).parent
+sys.path.insert(0, str(DOCS.parent))
+from cwrgp import batch_whiten  # noqa: E402
 LOGS = DOCS / "logs"
 RAW_PIXEL_KNN5 = 0.855  # 5-NN Euclidean on raw pixels in [0, 1], docs/results.md
 
@@ -75,6 +81,37 @@ def spectrum_figure(runs, path, title):
     fig.savefig(path, dpi=120)
 
 
+def whitening_figure(path):
+    gen = torch.Generator().manual_seed(0)
+    angle = torch.tensor(0.5)
+    rotation = torch.stack([torch.stack([angle.cos(), -angle.sin()]), torch.stack([angle.sin(), angle.cos()])])
+    z = torch.randn(300, 2, generator=gen, dtype=torch.float64) * torch.tensor([2.0, 0.5], dtype=torch.float64)
+    z = z @ rotation.double().T
+    hue = torch.atan2(z[:, 1], z[:, 0])  # each point keeps its colour, so the panels show where it went
+    panels = {"embedding Z̄": z - z.mean(0)}
+    names = {"zca": "ZCA", "cholesky": "Cholesky", "pca": "PCA"}
+    panels.update({f"{names[m]}-whitened (BW)": batch_whiten(z, method=m) for m in names})
+    fig, axes = plt.subplots(1, 5, figsize=(17, 3.6))
+    for ax, (title, points) in zip(axes, panels.items()):
+        ax.scatter(points[:, 0], points[:, 1], c=hue, cmap="hsv", s=6)
+        ax.set(title=title, aspect="equal", xlim=(-5, 5), ylim=(-5, 5))
+
+    # Near a repeated eigenvalue (gap 1e-6 of λ), move the embedding by δ in a fixed direction.
+    z = torch.randn(300, 2, generator=gen, dtype=torch.float64)
+    z = batch_whiten(z) * torch.tensor([1 + 1e-6, 1.0], dtype=torch.float64)
+    direction = torch.randn(300, 2, generator=gen, dtype=torch.float64)
+    deltas = torch.logspace(-10, -1, 28, dtype=torch.float64)
+    for method, style in (("zca", "-"), ("cholesky", "--"), ("pca", "-o")):
+        before = batch_whiten(z, method=method)
+        moved = [(batch_whiten(z + d * direction, method=method) - before).norm() / before.norm() for d in deltas]
+        axes[4].plot(deltas, torch.stack(moved), style, markersize=3, label=names[method])
+    axes[4].set(xscale="log", yscale="log", xlabel="δ (size of the move of Z)", ylabel="relative change of the output",
+                title="near-equal eigenvalues (gap 2e-6)")
+    axes[4].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def main(run_dirs):
     if run_dirs:
         runs = [load_run(pathlib.Path(d) / "log.jsonl", pathlib.Path(d) / "config.json") for d in run_dirs]
@@ -88,6 +125,7 @@ def main(run_dirs):
                     "Fashion-MNIST, convnet, 2-core CPU")
     spectrum_figure([kept(f"spectrum-{m}") for m in ("wmse", "cwrgp")], DOCS / "spectrum.png",
                     "Fashion-MNIST (20k images), convnet, 2-core CPU: channel covariance of one view's batch of 256")
+    whitening_figure(DOCS / "whitening.png")
 
 
 if __name__ == "__main__":
