@@ -6,6 +6,10 @@ Runs are tiny (a convnet of width 16 on a few hundred images) so the file stays 
 import json
 import math
 import os
+import signal
+import subprocess
+import sys
+import time
 import urllib.error
 
 import pytest
@@ -101,6 +105,27 @@ def test_resume_extends_finished_run(tmp_path):
     assert extended["status"] == "done"
     assert [(row["epoch"], "linear_top1" in row) for row in read_log(first["out"])] == [
         (1, False), (1, True), (2, False), (2, True)]
+
+
+def test_sigterm_saves_like_ctrl_c(tmp_path):
+    """A run stopped by SIGTERM (kill, a job scheduler) checkpoints where it is, says how to
+    resume, exits 130, and resumes from there."""
+    out = tmp_path / "term"
+    command = [sys.executable, "train_cifar.py", "--dataset", "fake", "--limit", "512", *TINY, "--epochs", "1000",
+               "--save-every", "1000", "--threads", "1", "--out", str(out)]
+    run = subprocess.Popen(command, cwd=os.path.dirname(os.path.abspath(__file__)), stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (out / "log.jsonl").exists() and run.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    run.send_signal(signal.SIGTERM)
+    _, stderr = run.communicate(timeout=120)
+    assert run.returncode == 130, stderr
+    assert "continue with --resume" in stderr
+    step = torch.load(out / "ckpt.pt", weights_only=True)["state"]["step"]
+    assert step >= 4  # at least the first epoch of 4 steps, which wrote the log we waited for
+    result = train_cifar.main(["--resume", str(out), "--epochs", str(step // 4 + 1), "--probe-epochs", "0"])
+    assert result["status"] == "done" and result["log"][-1]["epoch"] == step // 4 + 1
 
 
 @pytest.mark.parametrize("failure", ["nan", "singular"])

@@ -21,10 +21,12 @@ images/s counts source images (not views) per second of training, excluding eval
 Measured (docs/results.md; Fashion-MNIST, --arch convnet --crop-scale 0.5 1, 10 epochs, about 15
 minutes of training each on 2 CPU cores): 5-NN top-1 0.863 (CW-RGP), 0.861 (W-MSE) and 0.640 with no
 whitening, which collapses to stable rank 1, against 0.855 for raw pixels; linear probe 0.872 / 0.877
-/ 0.663. The 0.88 5-NN the issue asked of CW-RGP within 10 epochs was not reached.
+/ 0.663. The 0.88 5-NN the issue asked of CW-RGP within 10 epochs was not reached. On an NVIDIA
+H200 (torch 2.11, bf16): ResNet-18 on CIFAR-shaped data at about 4,700 images/s with CW-RGP and
+10,000 without whitening.
 """
 
-import argparse, datetime, gzip, json, math, os, pathlib, shlex, struct, sys, time
+import argparse, datetime, gzip, json, math, os, pathlib, shlex, signal, struct, sys, time
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -547,6 +549,11 @@ def main(argv=None):
     return {"status": "done", "out": args.out, "log": st["log"], "model": model}
 
 
+def interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, interrupt)  # `kill` and job schedulers stop a run as Ctrl-C does: saved
     result = main()
     sys.exit({"done": 0, "interrupted": 130}.get(result["status"], 1))
