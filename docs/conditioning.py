@@ -1,0 +1,89 @@
+"""
+How ill-conditioned CW-RGP's covariances are, before and during training, and what decomposing them
+costs on one CPU core: the numbers quoted in docs/derivations.md (3), docs/paper-to-code.md and the
+loss benchmark of docs/results.md.
+
+    python docs/conditioning.py       # two epochs of Fashion-MNIST: about 5 minutes on 2 CPU cores
+
+cond(Σ) = λ_max / λ_min of every channel-whitening covariance at the recipe's shape (sub-batches of
+64 consecutive samples, 4 groups of 128 consecutive channels; Σ = X Xᵀ/(c − 1), float64).
+"""
+
+import pathlib
+import sys
+import tempfile
+import time
+
+import torch
+from einops import rearrange
+
+sys.path.insert(0, str(pathlib.Path(__file__).parent.parent))
+import cwrgp  # noqa: E402
+import train_cifar  # noqa: E402
+
+
+def conditions(z, groups=4, sub_batch=64):
+    x = z.detach().double()
+    x = x - x.mean(1, keepdim=True)  # CW: each sample centred over all its channels
+    x = rearrange(x, "(n b) (g c) -> n g b c", b=sub_batch, g=groups)
+    eigenvalues = torch.linalg.eigvalsh(x @ x.mT / (x.shape[-1] - 1))
+    return (eigenvalues[..., -1] / eigenvalues[..., 0]).flatten()
+
+
+def summary(cond):
+    return f"min {cond.min():.3g}  median {cond.median():.3g}  max {cond.max():.3g}"
+
+
+def timed(fn, repeats=5):
+    fn()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return (time.perf_counter() - start) / repeats * 1e3
+
+
+def main():
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    train_x = train_cifar.load_fashion_mnist("data")[0][:256]
+    pixels = train_x.float() / 255
+    for arch in ("resnet18", "convnet"):
+        torch.manual_seed(0)
+        args = train_cifar.resolve_config(["--dataset", "fashion-mnist", "--arch", arch])
+        model = train_cifar.build_model(args, pixels.mean((0, 2, 3)), pixels.std((0, 2, 3)))
+        with torch.no_grad():  # train mode, as in the first training step
+            z = model["projector"](model["encoder"](pixels))
+        print(f"untrained {arch:<8} embedding of 256 Fashion-MNIST images, 16 covariances: cond {summary(conditions(z))}")
+
+    # During training: record the largest cond(Σ) that each step's decomposition sees.
+    largest = []
+    decompose = cwrgp._checked_eigh
+
+    def recording(cov, relative_tolerance):
+        eigenvalues, U = decompose(cov, relative_tolerance)
+        if cov[..., 0, 0].numel() == 32:  # the loss's call (2 views × 4 sub-batches × 4 groups), not the spectra's
+            largest.append((eigenvalues[..., -1] / eigenvalues[..., 0]).max().item())
+        return eigenvalues, U
+
+    cwrgp._checked_eigh = recording
+    for crop in ("0.2", "0.5"):
+        largest.clear()
+        with tempfile.TemporaryDirectory() as out:
+            train_cifar.main(["--dataset", "fashion-mnist", "--arch", "convnet", "--crop-scale", crop, "1",
+                              "--epochs", "1", "--probe-epochs", "0", "--eval-every", "100", "--out", out])
+        steps = [1, 25, 50, 100, 150, 200, len(largest)]
+        print(f"largest cond(Σ) of each step's 32 covariances, CW-RGP convnet, first epoch, --crop-scale {crop} 1:")
+        print("  " + "  ".join(f"step {s}: {largest[s - 1]:.2g}" for s in steps))
+    cwrgp._checked_eigh = decompose
+
+    torch.set_num_threads(1)
+    x = torch.randn(64, 64, 128, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    cov = x @ x.mT / 127
+    print("one thread, the 64 covariances (64×64) of one CW-RGP 4 step:")
+    for dtype in (torch.float64, torch.float32):
+        c = cov.to(dtype)
+        print(f"  batched eigh, {str(dtype)[6:]}: {timed(lambda: torch.linalg.eigh(c)):.1f} ms;"
+              f" one SVD per matrix: {timed(lambda: [torch.linalg.svd(m) for m in c]):.1f} ms")
+
+
+if __name__ == "__main__":
+    main()
