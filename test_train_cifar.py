@@ -3,6 +3,7 @@
 Runs are tiny (a convnet of width 16 on a few hundred images) so the file stays fast on a CPU.
 """
 
+import importlib.util
 import json
 import math
 import os
@@ -105,6 +106,21 @@ def test_resume_extends_finished_run(tmp_path):
     assert extended["status"] == "done"
     assert [(row["epoch"], "linear_top1" in row) for row in read_log(first["out"])] == [
         (1, False), (1, True), (2, False), (2, True)]
+
+
+def test_readme_figures_from_a_run(tmp_path):
+    """The README's last step: docs/figures.py draws training.png and spectrum.png into a run's
+    directory from its log (needs matplotlib, docs/requirements.txt)."""
+    pytest.importorskip("matplotlib")
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "docs", "figures.py")
+    spec = importlib.util.spec_from_file_location("figures", path)
+    figures = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(figures)
+    out = run(tmp_path, "fig", "--epochs", "2", "--probe-epochs", "0")["out"]
+    figures.main([out])
+    for name in ("training.png", "spectrum.png"):
+        with open(os.path.join(out, name), "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
 def test_sigterm_saves_like_ctrl_c(tmp_path):
