@@ -12,13 +12,13 @@ cond(Σ) = λ_max / λ_min of every channel-whitening covariance at the recipe's
 import pathlib
 import sys
 import tempfile
-import time
 
 import torch
 from einops import rearrange
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent.parent))
 import cwrgp  # noqa: E402
+from bench import timed  # noqa: E402
 import train_cifar  # noqa: E402
 
 
@@ -26,20 +26,12 @@ def conditions(z, groups=4, sub_batch=64):
     x = z.detach().double()
     x = x - x.mean(1, keepdim=True)  # CW: each sample centred over all its channels
     x = rearrange(x, "(n b) (g c) -> n g b c", b=sub_batch, g=groups)
-    eigenvalues = torch.linalg.eigvalsh(x @ x.mT / (x.shape[-1] - 1))
+    eigenvalues = torch.linalg.eigvalsh(cwrgp._covariance(x, eps=0.0))  # the Σ the loss decomposes
     return (eigenvalues[..., -1] / eigenvalues[..., 0]).flatten()
 
 
 def summary(cond):
     return f"min {cond.min():.3g}  median {cond.median():.3g}  max {cond.max():.3g}"
-
-
-def timed(fn, repeats=5):
-    fn()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    return (time.perf_counter() - start) / repeats * 1e3
 
 
 def main():
@@ -81,8 +73,8 @@ def main():
     print("one thread, the 64 covariances (64×64) of one CW-RGP 4 step:")
     for dtype in (torch.float64, torch.float32):
         c = cov.to(dtype)
-        print(f"  batched eigh, {str(dtype)[6:]}: {timed(lambda: torch.linalg.eigh(c)):.1f} ms;"
-              f" one SVD per matrix: {timed(lambda: [torch.linalg.svd(m) for m in c]):.1f} ms")
+        print(f"  batched eigh, {str(dtype)[6:]}: {timed(lambda: torch.linalg.eigh(c), 'cpu', 5):.1f} ms;"
+              f" one SVD per matrix: {timed(lambda: [torch.linalg.svd(m) for m in c], 'cpu', 5):.1f} ms")
 
 
 if __name__ == "__main__":
