@@ -22,7 +22,8 @@ import train_cifar
 FASHION_DIR = "/usr/share/datasets/fashion-mnist"
 TINY = ["--arch", "convnet", "--width", "16", "--batch-size", "128", "--eval-every", "1",
         "--probe-epochs", "3", "--save-every", "1"]
-EPOCH_KEYS = {"epoch", "loss", "knn_top1", "knn5_top1", "stable_rank", "lr", "images_per_s", "elapsed_s"}
+EPOCH_KEYS = {"epoch", "loss", "knn_top1", "knn5_top1", "linear_top1", "stable_rank", "lr", "images_per_s", "train_s",
+              "elapsed_s", "embedding_spectrum", "whitened_spectrum"}
 
 
 def read_log(out):
@@ -35,17 +36,18 @@ def run(tmp_path, name, *extra):
 
 
 def test_fake_end_to_end(tmp_path):
-    """A short run on fake data finishes and leaves config, checkpoint and a complete log."""
+    """A short run on fake data finishes and leaves config, checkpoint and a log of one row per
+    epoch, every row with the same keys; the linear probe's score is in the last epoch's row."""
     result = run(tmp_path, "a", "--epochs", "2")
     assert result["status"] == "done"
     log = read_log(result["out"])
-    assert [row["epoch"] for row in log] == [1, 2, 2]
-    for row in log[:2]:
-        assert EPOCH_KEYS <= row.keys()
+    assert [row["epoch"] for row in log] == [1, 2]
+    for row in log:
+        assert row.keys() == EPOCH_KEYS
         assert 0 <= row["knn_top1"] <= 1 and 0 <= row["knn5_top1"] <= 1
         assert math.isfinite(row["loss"]) and row["stable_rank"] >= 1 and row["images_per_s"] > 0
         assert len(row["embedding_spectrum"]) == len(row["whitened_spectrum"]) == 512
-    assert 0 <= log[-1]["linear_top1"] <= 1
+    assert log[0]["linear_top1"] is None and 0 <= log[1]["linear_top1"] <= 1
     with open(os.path.join(result["out"], "config.json")) as f:
         assert json.load(f)["groups"] == 4
     assert sorted(os.listdir(result["out"])) == ["ckpt.pt", "config.json", "log.jsonl"]
@@ -80,7 +82,7 @@ def test_resume_continues_identically(tmp_path, monkeypatch):
 
     def interrupt_at_step_6(*args):
         calls[0] += 1
-        if calls[0] == 2 * 5 + 1:  # first view of step 6 of 8, in the second epoch
+        if calls[0] == 6:  # one call (all views) per step: step 6 of 8, in the second epoch
             raise KeyboardInterrupt
         return real_augment(*args)
 
@@ -104,8 +106,22 @@ def test_resume_extends_finished_run(tmp_path):
     first = run(tmp_path, "x", "--epochs", "1")
     extended = train_cifar.main(["--resume", first["out"], "--epochs", "2"])
     assert extended["status"] == "done"
-    assert [(row["epoch"], "linear_top1" in row) for row in read_log(first["out"])] == [
-        (1, False), (1, True), (2, False), (2, True)]
+    log = read_log(first["out"])
+    assert [row["epoch"] for row in log] == [1, 2] and all(row.keys() == EPOCH_KEYS for row in log)
+    assert all(0 <= row["linear_top1"] <= 1 for row in log)
+
+
+def test_resume_of_finished_run_says_how_to_continue(tmp_path, capsys):
+    """--resume on a finished run trains nothing, leaves its files as they were, and says at which
+    epoch it finished and that --epochs N continues it."""
+    first = run(tmp_path, "x", "--epochs", "1", "--probe-epochs", "0")
+    before = {name: os.path.getmtime(os.path.join(first["out"], name)) for name in os.listdir(first["out"])}
+    capsys.readouterr()
+    again = train_cifar.main(["--resume", first["out"]])
+    assert again["status"] == "finished"
+    err = capsys.readouterr().err
+    assert "finished at epoch 1" in err and f"--resume {first['out']} --epochs N" in err
+    assert {name: os.path.getmtime(os.path.join(first["out"], name)) for name in os.listdir(first["out"])} == before
 
 
 def test_readme_figures_from_a_run(tmp_path):
@@ -144,27 +160,56 @@ def test_sigterm_saves_like_ctrl_c(tmp_path):
     assert result["status"] == "done" and result["log"][-1]["epoch"] == step // 4 + 1
 
 
-@pytest.mark.parametrize("failure", ["nan", "singular"])
-def test_nonfinite_loss_stops_and_keeps_checkpoint(tmp_path, monkeypatch, failure):
-    """A non-finite loss (NaN, or the loss refusing a singular covariance) in epoch 2 stops the run
-    with a message, before any update, and leaves epoch 1's checkpoint untouched."""
+def fail_at_step(monkeypatch, step, failure):
+    """Make the loss of the given step (counted from 1) NaN, or refuse it as singular."""
     real_loss, calls = train_cifar.whitening_loss, [0]
 
     def failing_loss(*views, **kw):
         calls[0] += 1
-        if calls[0] == 6:
+        if calls[0] == step + 1:  # call 1 is the start's check of the flags
             if failure == "singular":
                 raise ValueError("covariance is singular (numerically rank-deficient)")
             return real_loss(*views, **kw) * float("nan")
         return real_loss(*views, **kw)
 
     monkeypatch.setattr(train_cifar, "whitening_loss", failing_loss)
-    result = run(tmp_path, failure, "--epochs", "3")
-    assert result["status"] == "nonfinite" and "rank-deficient whitening" in result["message"]
-    ckpt = torch.load(os.path.join(result["out"], "ckpt.pt"), weights_only=True)
+
+
+def assert_kept_epoch_1(out):
+    ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
     assert ckpt["state"]["step"] == 4 and len(ckpt["state"]["log"]) == 1
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
-    assert not os.path.exists(os.path.join(result["out"], "ckpt.pt.tmp"))
+    assert not os.path.exists(os.path.join(out, "ckpt.pt.tmp"))
+
+
+@pytest.mark.parametrize("failure,check_every", [("nan", "1"), ("nan", "3"), ("nan", "50"), ("singular", "50")])
+def test_nonfinite_loss_stops_and_keeps_checkpoint(tmp_path, monkeypatch, failure, check_every):
+    """A non-finite loss (NaN, or the loss refusing a singular covariance) at step 6, in epoch 2,
+    stops the run within --check-every steps with a message that names the step and the likely
+    cause, and leaves epoch 1's checkpoint untouched: the weights updated from the NaN are never saved."""
+    fail_at_step(monkeypatch, 6, failure)
+    result = run(tmp_path, failure, "--epochs", "3", "--check-every", check_every)
+    assert result["status"] == "nonfinite" and "rank-deficient whitening" in result["message"]
+    assert "at step 6 (epoch 2)" in result["message"]
+    assert_kept_epoch_1(result["out"])
+
+
+def test_interrupt_after_unchecked_nan_does_not_save(tmp_path, monkeypatch):
+    """Ctrl-C after a NaN loss that no check has read yet stops as the check would have, and does
+    not overwrite the last good checkpoint with the corrupted weights."""
+    fail_at_step(monkeypatch, 6, "nan")
+    real_augment, calls = train_cifar.augment, [0]
+
+    def interrupt_at_step_7(*args):
+        calls[0] += 1
+        if calls[0] == 7:
+            raise KeyboardInterrupt
+        return real_augment(*args)
+
+    monkeypatch.setattr(train_cifar, "augment", interrupt_at_step_7)
+    result = run(tmp_path, "i", "--epochs", "3", "--check-every", "50")
+    assert result["status"] == "nonfinite" and "at step 6 (epoch 2)" in result["message"]
+    assert_kept_epoch_1(result["out"])
 
 
 def test_cifar_download_failure_is_one_message(tmp_path, monkeypatch):
@@ -177,6 +222,26 @@ def test_cifar_download_failure_is_one_message(tmp_path, monkeypatch):
         train_cifar.main(["--dataset", "cifar10", "--data-dir", str(tmp_path), "--out", str(tmp_path / "c")])
     message = str(exit_info.value.code)
     assert "cifar.html" in message and "--dataset fashion-mnist" in message
+    assert not (tmp_path / "c").exists()
+
+
+@pytest.mark.parametrize("flags,says", [
+    (["--sub-batch", "48"], "sub-batches of 48"),                   # 48 does not divide the batch of 128
+    (["--method", "wmse", "--sub-batch", "32"], "sub_batch > c"),  # BW of 32 samples cannot whiten 64 channels
+    (["--batch-size", "1024"], "less than one batch"),
+])
+def test_failed_start_creates_no_run_directory(tmp_path, flags, says):
+    """Flags the run cannot start with exit with a message that says what to change, and leave no
+    run directory behind."""
+    with pytest.raises(SystemExit) as exit_info:
+        run(tmp_path, "bad", "--epochs", "1", *flags)
+    assert says in str(exit_info.value.code)
+    assert not (tmp_path / "bad").exists()
+
+
+def views_of(x, args, gen, views=1):
+    """All views of a batch in one call, as the training step makes them."""
+    return train_cifar.augment(x.repeat(views, 1, 1, 1), train_cifar.augmentation_noise(views * len(x), gen), args)
 
 
 @pytest.mark.parametrize("channels,size", [(3, 32), (1, 28)])
@@ -184,8 +249,7 @@ def test_augment_views(channels, size):
     """Views are float32 in [0, 1] of the input's shape, and two views of one batch differ."""
     args = train_cifar.resolve_config([])
     x = torch.randint(0, 256, (64, channels, size, size), dtype=torch.uint8)
-    gen = torch.Generator().manual_seed(0)
-    v1, v2 = train_cifar.augment(x, args, gen), train_cifar.augment(x, args, gen)
+    v1, v2 = views_of(x, args, torch.Generator().manual_seed(0), views=2).chunk(2)
     for v in (v1, v2):
         assert v.shape == x.shape and v.dtype == torch.float32
         assert v.min() >= 0 and v.max() <= 1
@@ -199,9 +263,9 @@ def test_augment_identity_and_flip_are_pixel_exact():
                                        "--gray-p", "0", "--flip-p", "0"])
     x = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
     gen = torch.Generator().manual_seed(0)
-    torch.testing.assert_close(train_cifar.augment(x, args, gen), x.float() / 255, atol=1e-6, rtol=0)
+    torch.testing.assert_close(views_of(x, args, gen), x.float() / 255, atol=1e-6, rtol=0)
     args.flip_p = 1.0
-    torch.testing.assert_close(train_cifar.augment(x, args, gen), x.flip(-1).float() / 255, atol=1e-6, rtol=0)
+    torch.testing.assert_close(views_of(x, args, gen), x.flip(-1).float() / 255, atol=1e-6, rtol=0)
 
 
 def test_knn_votes():
@@ -244,3 +308,16 @@ def test_lr_schedule():
     assert lr(1750) == pytest.approx(1.2e-4) and lr(1999) == pytest.approx(1.2e-4)
     short = train_cifar.resolve_config(["--epochs", "10", "--warmup", "5"])
     assert train_cifar.lr_at(99, 10, short) == pytest.approx(3e-3)
+
+
+def test_compile_trains_as_eager(tmp_path):
+    """--compile (here with the aot_eager backend, which needs no C compiler) trains the weights
+    and logs the losses of the eager step, from the same randomness drawn outside the step."""
+    eager = run(tmp_path, "eager", "--epochs", "1", "--probe-epochs", "0")
+    compiled = run(tmp_path, "compiled", "--epochs", "1", "--probe-epochs", "0", "--compile",
+                   "--compile-backend", "aot_eager")
+    assert compiled["status"] == "done"
+    assert read_log(compiled["out"])[0]["loss"] == pytest.approx(read_log(eager["out"])[0]["loss"], rel=1e-4)
+    a, b = eager["model"].state_dict(), compiled["model"].state_dict()
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-3, atol=1e-4)

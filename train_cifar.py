@@ -6,24 +6,26 @@ Follows the CIFAR recipe of "An Investigation into Whitening Loss for Self-super
 512 -> 1024 -> 512, channel whitening with random group partition (g = 4, sub-batch 64, ZCA,
 eps = 0), Adam lr 3e-3 / wd 1e-6, batch 256, 500-step warm-up, lr x 0.2 at epochs E-50 and E-25;
 evaluated by 5-NN (Euclidean) and a linear probe on the frozen encoder features. The loss itself
-lives in cwrgp.py; everything about devices, precision and data is here.
+lives in cwrgp.py; everything about devices, precision, compilation and data is here. The training
+loop follows the shape of nanoGPT's train.py: one flat loop over a step counter, and the step, the
+epoch's evaluation, the checkpoint and the learning rate as named functions.
 
     python train_cifar.py --groups 4                                  # CIFAR-10, GPU
     python train_cifar.py --dataset fashion-mnist --arch convnet --crop-scale 0.5 1   # CPU, no download
     python train_cifar.py --method wmse | --method plain              # W-MSE / no whitening
 
-The images stay on the device as uint8 and the views are made there with batched tensor ops, so no
-DataLoader runs in the hot loop. Two departures from torchvision's augmentations, for batching:
-colour jitter applies its four parts in a fixed order (brightness, contrast, saturation, hue), and
-the hue shift is a rotation of the chroma plane in YIQ space rather than a shift of H in HSV.
-images/s counts source images (not views) per second of training, excluding evaluation.
+The images stay on the device as uint8 and all views of a batch are made there in one batched call,
+so no DataLoader runs in the hot loop. Everything random in a step (data order, augmentation, group
+partitions) is drawn from the run's generator outside the step and passed in as tensors: the step
+itself is a pure tensor function, which is what --compile compiles and what makes --resume continue
+a run exactly. Two departures from torchvision's augmentations, for batching: colour jitter applies
+its four parts in a fixed order (brightness, contrast, saturation, hue), and the hue shift is a
+rotation of the chroma plane in YIQ space rather than a shift of H in HSV.
 
-Measured (docs/results.md; Fashion-MNIST, --arch convnet --crop-scale 0.5 1, 10 epochs, about 15
-minutes of training each on 2 CPU cores): 5-NN top-1 0.863 (CW-RGP), 0.861 (W-MSE) and 0.641 with no
-whitening, which collapses to stable rank 1, against 0.855 for raw pixels; linear probe 0.872 / 0.877
-/ 0.663. The 0.88 5-NN the issue asked of CW-RGP within 10 epochs was not reached. On an NVIDIA
-H200 (torch 2.11, bf16): ResNet-18 on CIFAR-shaped data at about 4,700 images/s with CW-RGP and
-10,000 without whitening.
+The loss is read back every --check-every steps rather than every step, so the device is not made to
+wait for the host; a non-finite loss still stops the run within that many steps, before any
+checkpoint holds the corrupted weights. images/s counts source images (not views) per second of
+training, excluding evaluation. Measured speeds and accuracies are in docs/results.md.
 """
 
 import argparse, datetime, gzip, json, math, os, pathlib, shlex, signal, struct, sys, time
@@ -32,7 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
-from cwrgp import batch_whiten, channel_whiten, whitening_loss, stable_rank
+from cwrgp import batch_whiten, channel_whiten, random_group_partition, stable_rank, whitening_loss
 
 
 def build_parser():
@@ -74,14 +76,19 @@ def build_parser():
     arg("--eval-every", type=int, help="kNN monitor every N epochs (and at the end)", default=10)
     arg("--knn-k", type=int, help="k of the cosine-weighted kNN", default=200)
     arg("--knn-t", type=float, help="temperature of the cosine-weighted kNN", default=0.1)
-    arg("--probe-epochs", type=int, help="linear probe epochs (0: skip)", default=500)
+    arg("--probe-epochs", type=int, help="linear probe epochs at the end (0: skip)", default=500)
     arg("--probe-lr", type=float, default=1e-2)
     arg("--probe-wd", type=float, default=5e-6)
     arg("--probe-batch", type=int, default=1000)
     # run
     arg("--device", help="auto: cuda if present, else cpu", default="auto")
     arg("--threads", type=int, help="CPU threads for torch")
-    arg("--compile", action="store_true")
+    arg("--compile", action="store_true",
+        help="compile the step (augmentation, encoder, projector, loss and their backward) with torch.compile; "
+             "on CUDA with mode reduce-overhead (CUDA graphs). Off by default: not yet verified on a GPU")
+    arg("--compile-backend", default="inductor", help="torch.compile backend; aot_eager needs no C compiler")
+    arg("--check-every", type=int, help="read the loss back (and stop on a non-finite one) every N steps "
+                                        "and at each epoch's end", default=50)
     arg("--seed", type=int, default=0)
     arg("--out", help="run directory (default runs/<dataset>-<method>-<time>)")
     arg("--save-every", type=int, help="checkpoint every N epochs (and at the end)", default=10)
@@ -97,12 +104,18 @@ def resolve_config(argv):
     parser = build_parser()
     args = vars(parser.parse_args(argv))
     if args["resume"]:
+        config = os.path.join(args["resume"], "config.json")
+        if not os.path.exists(config):
+            sys.exit(f"error: {config} does not exist: --resume takes the directory of a run that has started")
         # The saved run's config becomes the defaults: flags given now still override it.
-        with open(os.path.join(args["resume"], "config.json")) as f:
+        with open(config) as f:
             parser.set_defaults(**json.load(f))
         args = {**vars(parser.parse_args(argv)), "out": args["resume"]}
     for key, value in zip(("emb", "groups", "sub_batch", "whiten"), METHOD_DEFAULTS[args["method"]]):
         args[key] = value if args[key] is None else args[key]
+    for key in ("epochs", "batch_size", "views", "check_every", "eval_every", "save_every"):
+        if args[key] < (2 if key == "views" else 1):
+            sys.exit(f"error: --{key.replace('_', '-')} must be at least {2 if key == 'views' else 1}, got {args[key]}")
     args["out"] = args["out"] or os.path.join(
         "runs", f"{args['dataset']}-{args['method']}-{datetime.datetime.now():%Y%m%d-%H%M%S}")
     return argparse.Namespace(**args)
@@ -163,44 +176,54 @@ def load_data(args, device):
 
 
 # ----------------------------------------------------------------------------------------------
-# Augmentation: a batch of uint8 images -> one float view in [0, 1], all on the device
+# Augmentation: uint8 images and uniform noise -> float views in [0, 1], all on the device
+
+# Uniforms per view, drawn in one call outside the step: 10 crop areas and 10 log-ratios (the crop
+# sampler's tries), flip, the crop's x and y offsets, jitter on/off, brightness, contrast,
+# saturation, hue, grayscale.
+AUGMENT_DRAWS = 29
+
+
+def augmentation_noise(n, gen):
+    return torch.rand(n, AUGMENT_DRAWS, generator=gen, device=gen.device)
+
 
 def gray(x):
     return (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]) if x.shape[1] == 3 else x
 
 
-def augment(x, cfg, gen):
+def augment(x, noise, cfg):
+    """(n, c, h, w) uint8 images and (n, AUGMENT_DRAWS) uniforms -> (n, c, h, w) float views."""
     n, c, h, w = x.shape
-    rand = lambda *shape: torch.rand(*shape, generator=gen, device=x.device)
+    area_u, ratio_u = noise[:, :10], noise[:, 10:20]
+    flip_u, dx_u, dy_u, on_u, bright_u, contrast_u, sat_u, hue_u, gray_u = noise[:, 20:].unbind(1)
     x = x.float() / 255
     # Random resized crop sampled as torchvision does (10 tries of area and log-ratio, the first box
     # that fits wins, else the whole image) but with continuous boxes; flip folds into the same warp.
-    area = cfg.crop_scale[0] + (cfg.crop_scale[1] - cfg.crop_scale[0]) * rand(n, 10)
+    area = cfg.crop_scale[0] + (cfg.crop_scale[1] - cfg.crop_scale[0]) * area_u
     log_lo, log_hi = math.log(cfg.crop_ratio[0]), math.log(cfg.crop_ratio[1])
-    ratio = torch.exp(log_lo + (log_hi - log_lo) * rand(n, 10))
+    ratio = torch.exp(log_lo + (log_hi - log_lo) * ratio_u)
     cw, ch = (area * ratio).sqrt(), (area / ratio).sqrt()
     fits = (cw <= 1) & (ch <= 1)
     first = fits.int().argmax(1, keepdim=True)
     cw = torch.where(fits.any(1), cw.gather(1, first).squeeze(1), 1.0)
     ch = torch.where(fits.any(1), ch.gather(1, first).squeeze(1), 1.0)
-    flip = torch.where(rand(n) < cfg.flip_p, -1.0, 1.0)
-    theta = torch.zeros(n, 2, 3, device=x.device)
-    theta[:, 0, 0], theta[:, 1, 1] = cw * flip, ch
-    theta[:, 0, 2], theta[:, 1, 2] = (2 * rand(n) - 1) * (1 - cw), (2 * rand(n) - 1) * (1 - ch)
-    grid = F.affine_grid(theta, (n, c, h, w), align_corners=False)
+    flip = torch.where(flip_u < cfg.flip_p, -1.0, 1.0)
+    zero = torch.zeros_like(cw)
+    theta = torch.stack([cw * flip, zero, (2 * dx_u - 1) * (1 - cw), zero, ch, (2 * dy_u - 1) * (1 - ch)], 1)
+    grid = F.affine_grid(theta.view(n, 2, 3), (n, c, h, w), align_corners=False)
     x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
     # Colour jitter with probability jitter_p; skipped images get the identity factors.
-    on = (rand(n) < cfg.jitter_p).float().view(n, 1, 1, 1)
-    factor = lambda s: 1 + on * s * (2 * rand(n).view(n, 1, 1, 1) - 1)
-    b, k, s, hue = cfg.jitter
-    x = (x * factor(b)).clamp(0, 1)
+    on = (on_u < cfg.jitter_p).float()
+    factor = lambda strength, u: (1 + on * strength * (2 * u - 1)).view(n, 1, 1, 1)
+    brightness, contrast, saturation, hue = cfg.jitter
+    x = (x * factor(brightness, bright_u)).clamp(0, 1)
     mean = gray(x).mean((1, 2, 3), keepdim=True)
-    x = (mean + factor(k) * (x - mean)).clamp(0, 1)
+    x = (mean + factor(contrast, contrast_u) * (x - mean)).clamp(0, 1)
     if c == 3:
-        x = (gray(x) + factor(s) * (x - gray(x))).clamp(0, 1)
-        angle = 2 * math.pi * on.view(n) * hue * (2 * rand(n) - 1)
-        x = rotate_hue(x, angle).clamp(0, 1)
-        x = torch.where(rand(n).view(n, 1, 1, 1) < cfg.gray_p, gray(x).expand_as(x), x)
+        x = (gray(x) + factor(saturation, sat_u) * (x - gray(x))).clamp(0, 1)
+        x = rotate_hue(x, 2 * math.pi * on * hue * (2 * hue_u - 1)).clamp(0, 1)
+        x = torch.where((gray_u < cfg.gray_p).view(n, 1, 1, 1), gray(x).expand_as(x), x)
     return x
 
 
@@ -237,7 +260,8 @@ def resnet18(channels):
 
 
 def convnet(channels, width):
-    # Sized so that a Fashion-MNIST epoch (2 x 60k views) trains in about 70 s on 2 idle CPU cores.
+    # Sized so that a Fashion-MNIST epoch (2 x 60k views) trains in about a minute and a half on 2 idle
+    # CPU cores (docs/results.md).
     block = lambda i, o: [nn.Conv2d(i, o, 3, padding=1, bias=False), nn.BatchNorm2d(o), nn.ReLU(inplace=True)]
     layers = block(channels, width // 2) + [nn.MaxPool2d(2)] + block(width // 2, width) + [nn.MaxPool2d(2)]
     layers += block(width, 2 * width) + block(2 * width, 4 * width) + [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
@@ -259,12 +283,85 @@ def plain_loss(*views):
     return sum((2 - 2 * (zs[i] * zs[j]).sum(1)).mean() for i, j in pairs) / len(pairs)
 
 
-def compute_loss(zs, args, gen):
+def compute_loss(zs, args, partition):
     if args.method == "plain":
         return plain_loss(*zs)
     axis = "channel" if args.method == "cwrgp" else "batch"
     return whitening_loss(*zs, axis=axis, groups=args.groups, sub_batch=args.sub_batch, iters=args.iters,
-                          method=args.whiten, eps=args.eps, generator=gen)
+                          method=args.whiten, eps=args.eps, generator=partition)
+
+
+def draw_partition(batch, args, gen):
+    # Interim, until whitening_loss takes the drawn partition itself: a generator at the state that
+    # draws it, while `gen` moves past the same draws.
+    if args.method == "plain":
+        return None
+    fork = torch.Generator(gen.device)
+    fork.set_state(gen.get_state())
+    random_group_partition(args.views, batch, args.emb, args.groups, args.sub_batch, args.iters, gen, gen.device)
+    return fork
+
+
+def check_loss_shapes(args):
+    """Refuse flags the loss cannot whiten before anything is loaded or created, with the loss's own
+    message: one evaluation on random embeddings, which are full rank whenever the shapes allow."""
+    gen = torch.Generator().manual_seed(0)
+    zs = torch.randn(args.views, args.batch_size, args.emb, generator=gen).unbind(0)
+    try:
+        compute_loss(zs, args, draw_partition(args.batch_size, args, gen))
+    except ValueError as e:
+        sys.exit(f"error: --batch-size {args.batch_size} --sub-batch {args.sub_batch} --groups {args.groups} "
+                 f"--emb {args.emb} --eps {args.eps}: {e}")
+
+
+# ----------------------------------------------------------------------------------------------
+# The training step
+
+def autocast(device):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def forward_loss(model, x, noise, partition, args):
+    """uint8 batch (n, c, h, w) -> (loss, first view's embedding): augmentation, encoder, projector and
+    loss. A pure tensor function (the randomness comes in as noise and partition): what --compile compiles."""
+    views = augment(x.repeat(args.views, 1, 1, 1), noise, args)
+    if views.is_cuda:
+        views = views.contiguous(memory_format=torch.channels_last)
+    with autocast(views.device):
+        # Encoder per view (BatchNorm statistics per view, as the released code), projector on all.
+        z = model["projector"](torch.cat([model["encoder"](v) for v in views.chunk(args.views)]))
+    zs = z.float().chunk(args.views)
+    return compute_loss(zs, args, partition), zs[0].detach()
+
+
+def compile_step(args, device):
+    if not args.compile:
+        return forward_loss
+    # CUDA graphs (reduce-overhead) replay the step without a launch per kernel; the CPU has no graphs.
+    mode = "reduce-overhead" if device.type == "cuda" and args.compile_backend == "inductor" else None
+    return torch.compile(forward_loss, backend=args.compile_backend, mode=mode)
+
+
+def train_step(forward, model, opt, x, lr, gen, args):
+    """One optimiser step on a uint8 batch; returns the loss (on the device, not read back) and the
+    first view's embedding. The loss raises ValueError, before any update, for a whitening it refuses."""
+    noise = augmentation_noise(args.views * len(x), gen)
+    partition = draw_partition(len(x), args, gen)
+    loss, z = forward(model, x, noise, partition, args)
+    for group in opt.param_groups:
+        group["lr"] = lr
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss.detach(), z
+
+
+def lr_at(step, steps_per_epoch, args):
+    # A drop at epoch E - k <= 0 is skipped: runs of 25 epochs or fewer keep the base rate after
+    # warm-up. Scaling the drops into a 10-epoch Fashion-MNIST run gave no kNN gain (docs/results.md).
+    epoch = step // steps_per_epoch
+    drops = sum(1 for before in args.drop_at if 0 < args.epochs - before <= epoch)
+    return args.lr * min(1.0, (step + 1) / args.warmup) * args.drop_factor ** drops
 
 
 def channel_spectrum(z):
@@ -295,10 +392,10 @@ def spectra(z, args):
 # Evaluation on frozen encoder features
 
 @torch.no_grad()
-def features(encoder, x, autocast, batch=1024):
+def features(encoder, x, batch=1024):
     was_training = encoder.training
     encoder.eval()
-    with autocast:
+    with autocast(x.device):
         out = torch.cat([encoder(x[i:i + batch].float() / 255).float() for i in range(0, len(x), batch)])
     encoder.train(was_training)
     return out
@@ -345,7 +442,18 @@ def linear_probe(train_f, train_y, test_f, test_y, args):
 
 
 # ----------------------------------------------------------------------------------------------
-# Bookkeeping
+# Bookkeeping: state, checkpoints, the log, clocks
+
+def new_state():
+    # Everything a checkpoint needs besides the weights, optimiser and generators.
+    return {"step": 0, "epochs_logged": 0, "perm": None, "acc": None, "log": [], "elapsed": 0.0, "train_s": 0.0}
+
+
+def new_epoch(steps_per_epoch, device):
+    # The epoch's losses stay on the device until read back (every --check-every steps).
+    return {"losses": torch.zeros(steps_per_epoch, device=device), "checked": 0, "train_s": 0.0,
+            "timed_steps": 0, "stable_rank": None, "lr": None, "spectra": {}}
+
 
 def save_atomic(path, write):
     # A kill mid-write leaves the temp file, never a truncated checkpoint or log.
@@ -357,11 +465,56 @@ def write_text(path, text):
     save_atomic(path, lambda tmp: pathlib.Path(tmp).write_text(text))
 
 
+def write_log(out, log):
+    write_text(os.path.join(out, "log.jsonl"), "".join(json.dumps(row) + "\n" for row in log))
+
+
+def save_checkpoint(path, model, opt, gen_state, st, elapsed):
+    st["elapsed"] = elapsed
+    ck = {"model": model.state_dict(), "opt": opt.state_dict(), "gen": gen_state,
+          "cpu_rng": torch.get_rng_state(), "state": st}
+    save_atomic(path, lambda tmp: torch.save(ck, tmp))
+
+
+def load_checkpoint(path, model, opt, gen, device):
+    if not os.path.exists(path):
+        sys.exit(f"error: {path} does not exist: the run stopped before its first checkpoint")
+    ck = torch.load(path, map_location=device, weights_only=True)
+    model.load_state_dict(ck["model"])
+    opt.load_state_dict(ck["opt"])
+    gen.set_state(ck["gen"].cpu())
+    torch.set_rng_state(ck["cpu_rng"].cpu())
+    return ck["state"]
+
+
+def first_nonfinite(acc, upto):
+    """Read the epoch's losses not yet checked, up to step `upto` of the epoch, back to the host (one
+    sync); (the epoch's index of the first non-finite one, its value), or None."""
+    start, acc["checked"] = acc["checked"], upto
+    values = acc["losses"][start:upto].tolist()
+    return next(((start + k, value) for k, value in enumerate(values) if not math.isfinite(value)), None)
+
+
+def stop_nonfinite(run, args, step, reason):
+    """The message and result of a run stopped by a non-finite loss at `step` (counted from 0); the
+    weights, possibly updated from that loss, are not saved."""
+    if args.method == "plain":
+        cause = "the network diverged; try a lower --lr"
+    else:
+        fewer = "a smaller --sub-batch or fewer --groups" if args.method == "cwrgp" else "a larger --sub-batch or more --groups"
+        cause = f"rank-deficient whitening; try --eps 1e-4 or {fewer} (or a lower --lr, if the network diverged)"
+    kept = f"Kept the last checkpoint in {args.out}" if os.path.exists(run.ckpt_path) else "No checkpoint was saved yet"
+    msg = (f"stopped: non-finite loss at step {step + 1} (epoch {step // run.steps_per_epoch + 1}): {reason}. "
+           f"Likely cause: {cause}. {kept}.")
+    print(msg, file=sys.stderr)
+    return {"status": "nonfinite", "out": args.out, "log": run.st["log"], "message": msg}
+
+
 class Timer:
-    """Training time: CUDA events on GPU (no sync per step), perf_counter on CPU."""
+    """Training time, paused for evaluation: CUDA events on GPU (no sync per step), perf_counter on CPU."""
 
     def __init__(self, device):
-        self.cuda, self.running = device.type == "cuda", False
+        self.cuda, self.begin = device.type == "cuda", None
 
     def now(self):
         if not self.cuda:
@@ -370,23 +523,32 @@ class Timer:
         event.record()
         return event
 
-    def start(self):
-        self.begin, self.running = self.now(), True
+    def start(self, step):
+        self.begin, self.begin_step = self.now(), step
 
-    def stop(self):
-        end, self.running = self.now(), False
-        if not self.cuda:
-            return end - self.begin
-        end.synchronize()
-        return self.begin.elapsed_time(end) / 1000
+    def stop(self, acc, step):
+        """Add the time and steps since start() to the epoch's totals in acc."""
+        if self.begin is None:
+            return
+        end = self.now()
+        if self.cuda:
+            end.synchronize()
+        acc["train_s"] += end - self.begin if not self.cuda else self.begin.elapsed_time(end) / 1000
+        acc["timed_steps"] += step - self.begin_step
+        self.begin = None
 
 
-def lr_at(step, steps_per_epoch, args):
-    # A drop at epoch E - k <= 0 is skipped: runs of 25 epochs or fewer keep the base rate after
-    # warm-up. Scaling the drops into a 10-epoch Fashion-MNIST run gave no kNN gain (docs/results.md).
-    epoch = step // steps_per_epoch
-    drops = sum(1 for before in args.drop_at if 0 < args.epochs - before <= epoch)
-    return args.lr * min(1.0, (step + 1) / args.warmup) * args.drop_factor ** drops
+class Clock:
+    """Wall time of the run across resumes, and the remaining time from this session's epochs."""
+
+    def __init__(self, elapsed_before):
+        self.elapsed_before, self.start, self.epochs = elapsed_before, time.perf_counter(), 0
+
+    def elapsed(self):
+        return self.elapsed_before + time.perf_counter() - self.start
+
+    def eta(self, epochs_left):
+        return (time.perf_counter() - self.start) / max(self.epochs, 1) * epochs_left
 
 
 def fmt_time(s):
@@ -394,159 +556,149 @@ def fmt_time(s):
 
 
 # ----------------------------------------------------------------------------------------------
+# The epoch's evaluation and log row
+
+HEADER = f"{'epoch':>5} {'loss':>7} {'knn200':>7} {'knn5':>7} {'srank':>7} {'lr':>8} {'img/s':>7} {'elapsed':>8} {'eta':>8}"
+
+
+def evaluate(encoder, data, args, epoch):
+    """kNN every --eval-every epochs and at the end, the linear probe at the end; None where not run."""
+    train_x, train_y, test_x, test_y = data
+    scores = {"knn_top1": None, "knn5_top1": None, "linear_top1": None}
+    last = epoch == args.epochs
+    if epoch % args.eval_every and not last:
+        return scores
+    bank, query = features(encoder, train_x), features(encoder, test_x)
+    scores["knn_top1"] = knn_top1(bank, train_y, query, test_y, min(args.knn_k, len(bank)), "cosine", args.knn_t)
+    scores["knn5_top1"] = knn_top1(bank, train_y, query, test_y, 5, "euclidean")
+    if last and args.probe_epochs:
+        scores["linear_top1"] = linear_probe(bank, train_y, query, test_y, args)
+    return scores
+
+
+def end_epoch(run, args, epoch, clock, gen_state):
+    """Evaluate, log and print the epoch that just ended; checkpoint every --save-every epochs and at the end."""
+    st, acc = run.st, run.st["acc"]
+    row = {"epoch": epoch, "loss": acc["losses"].double().sum().item() / run.steps_per_epoch,
+           **evaluate(run.model["encoder"], run.data, args, epoch), "stable_rank": acc["stable_rank"], "lr": acc["lr"],
+           "images_per_s": acc["timed_steps"] * args.batch_size / acc["train_s"] if acc["train_s"] else None}
+    st["train_s"] += acc["train_s"]
+    clock.epochs += 1
+    row.update(train_s=st["train_s"], elapsed_s=clock.elapsed(), **acc["spectra"])
+    st["log"].append(row)
+    st["epochs_logged"] = epoch
+    show = lambda v, f: format(v, f) if v is not None else "-"
+    print(f"{epoch:>5} {row['loss']:>7.4f} {show(row['knn_top1'], '>7.4f'):>7} {show(row['knn5_top1'], '>7.4f'):>7} "
+          f"{row['stable_rank']:>7.1f} {row['lr']:>8.2e} {show(row['images_per_s'], '>7.0f'):>7} "
+          f"{fmt_time(row['elapsed_s']):>8} {fmt_time(clock.eta(args.epochs - epoch)):>8}", flush=True)
+    if row["linear_top1"] is not None:
+        print(f"linear probe top-1 {row['linear_top1']:.4f} ({args.probe_epochs} epochs on frozen features)")
+    write_log(args.out, st["log"])
+    if epoch % args.save_every == 0 or epoch == args.epochs:
+        save_checkpoint(run.ckpt_path, run.model, run.opt, gen_state, st, clock.elapsed())
+
+
+# ----------------------------------------------------------------------------------------------
+# The run
+
+def start_run(args):
+    """Everything before the first step. A run that cannot start exits here with a message, before
+    its directory is created."""
+    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.backends.cudnn.benchmark = device.type == "cuda"
+    check_loss_shapes(args)
+    torch.manual_seed(args.seed)
+    data = load_data(args, device)
+    steps_per_epoch = len(data[0]) // args.batch_size
+    if steps_per_epoch == 0:
+        sys.exit(f"error: {len(data[0])} training images is less than one batch of {args.batch_size}: "
+                 f"lower --batch-size or raise --limit")
+    pixels = data[0].float() / 255
+    model = build_model(args, pixels.mean((0, 2, 3)), pixels.std((0, 2, 3))).to(device)
+    del pixels
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    # Fused Adam updates all parameters in one kernel on CUDA; the CPU keeps the default (foreach) one.
+    opt = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.wd, fused=True if device.type == "cuda" else None)
+    gen = torch.Generator(device=device).manual_seed(args.seed)  # data order, views and group partitions
+    ckpt_path = os.path.join(args.out, "ckpt.pt")
+    st = load_checkpoint(ckpt_path, model, opt, gen, device) if args.resume else new_state()
+    return argparse.Namespace(device=device, data=data, model=model, opt=opt, gen=gen, st=st, ckpt_path=ckpt_path,
+                              steps_per_epoch=steps_per_epoch, forward=compile_step(args, device))
+
+
+def train(run, args):
+    """The training loop, from run.st["step"] to the last epoch's evaluation."""
+    st, steps_per_epoch, train_x = run.st, run.steps_per_epoch, run.data[0]
+    timer, clock = Timer(run.device), Clock(st["elapsed"])
+    print(HEADER)
+    try:
+        while True:
+            gen_state = run.gen.get_state()  # what a checkpoint restores: the state before this step's draws
+            epoch, i = divmod(st["step"], steps_per_epoch)
+            if i == 0 and st["epochs_logged"] < epoch:
+                timer.stop(st["acc"], st["step"])
+                end_epoch(run, args, epoch, clock, gen_state)
+            if st["step"] >= args.epochs * steps_per_epoch:
+                break
+            if i == 0:
+                st["perm"] = torch.randperm(len(train_x), generator=run.gen, device=run.device)
+                st["acc"] = new_epoch(steps_per_epoch, run.device)
+            acc = st["acc"]
+            if timer.begin is None:
+                timer.start(st["step"])
+            x = train_x[st["perm"][i * args.batch_size:(i + 1) * args.batch_size]]
+            lr = lr_at(st["step"], steps_per_epoch, args)
+            try:
+                acc["losses"][i], z = train_step(run.forward, run.model, run.opt, x, lr, run.gen, args)
+            except ValueError as e:  # the eager loss refuses a non-finite or singular whitening, before the update
+                if (bad := first_nonfinite(acc, i)) is not None:  # an earlier unchecked step caused it
+                    return stop_nonfinite(run, args, st["step"] - i + bad[0], f"loss {bad[1]}")
+                return stop_nonfinite(run, args, st["step"], e)
+            acc["lr"] = lr
+            st["step"] += 1
+            if (i + 1) % args.check_every == 0 or i + 1 == steps_per_epoch:
+                if (bad := first_nonfinite(acc, i + 1)) is not None:
+                    return stop_nonfinite(run, args, st["step"] - 1 - i + bad[0], f"loss {bad[1]}")
+            if i + 1 == steps_per_epoch:  # the paper's indicator and the spectra, on the epoch's last batch
+                acc["stable_rank"], acc["spectra"] = stable_rank(z).item(), spectra(z, args)
+    except KeyboardInterrupt:
+        return interrupted(run, args, timer, clock, gen_state)
+    print(f"done in {fmt_time(clock.elapsed())}: {args.out}")
+    return {"status": "done", "out": args.out, "log": st["log"], "model": run.model}
+
+
+def interrupted(run, args, timer, clock, gen_state):
+    """Ctrl-C or SIGTERM: checkpoint where the run is, unless its unchecked losses are not finite."""
+    st = run.st
+    if st["acc"] is not None:
+        timer.stop(st["acc"], st["step"])
+        done = st["step"] % run.steps_per_epoch  # the epoch's steps; a finished epoch was checked at its end
+        if done and (bad := first_nonfinite(st["acc"], done)) is not None:
+            return stop_nonfinite(run, args, st["step"] - done + bad[0], f"loss {bad[1]}")
+    save_checkpoint(run.ckpt_path, run.model, run.opt, gen_state, st, clock.elapsed())
+    print(f"\ninterrupted: saved {run.ckpt_path} at step {st['step']}; continue with --resume {args.out}", file=sys.stderr)
+    return {"status": "interrupted", "out": args.out, "log": st["log"]}
+
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = resolve_config(argv)
-    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    cuda = device.type == "cuda"
-    torch.backends.cudnn.benchmark = cuda
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda)
+    run = start_run(args)
+    if run.st["step"] >= args.epochs * run.steps_per_epoch and run.st["epochs_logged"] >= args.epochs:
+        done = run.st["epochs_logged"]
+        print(f"{args.out} is finished at epoch {done}: nothing to do. Continue it with "
+              f"--resume {args.out} --epochs N for N > {done}", file=sys.stderr)
+        return {"status": "finished", "out": args.out, "log": run.st["log"], "model": run.model}
     os.makedirs(args.out, exist_ok=True)
     print("command: python train_cifar.py " + shlex.join(argv))
-    print("config: " + " ".join(f"{k}={v}" for k, v in vars(args).items()) + f" (device {device}, torch {torch.__version__})")
-    write_text(os.path.join(args.out, "config.json"), json.dumps(vars(args), indent=1) + "\n")
-
-    torch.manual_seed(args.seed)
-    train_x, train_y, test_x, test_y = load_data(args, device)
-    pixels = train_x.float() / 255
-    mean, std = pixels.mean((0, 2, 3)), pixels.std((0, 2, 3))
-    del pixels
-    model = build_model(args, mean, std).to(device)
-    if cuda:
-        model = model.to(memory_format=torch.channels_last)
-    encoder, projector = model["encoder"], model["projector"]
-    if args.compile:
-        encoder, projector = torch.compile(encoder), torch.compile(projector)
-    opt = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.wd)
-    gen = torch.Generator(device=device).manual_seed(args.seed)  # data order, views and group partitions
-
-    steps_per_epoch = len(train_x) // args.batch_size
-    if steps_per_epoch == 0:
-        sys.exit(f"error: {len(train_x)} training images is less than one batch of {args.batch_size}")
-    total_steps = args.epochs * steps_per_epoch
-    st = {"step": 0, "epochs_logged": 0, "perm": None, "acc": None, "log": [], "elapsed": 0.0, "train_s": 0.0}
-    ckpt_path = os.path.join(args.out, "ckpt.pt")
+    print("config: " + " ".join(f"{k}={v}" for k, v in vars(args).items()) + f" (device {run.device}, torch {torch.__version__})")
     if args.resume:
-        if not os.path.exists(ckpt_path):
-            sys.exit(f"error: {ckpt_path} does not exist: the run stopped before its first checkpoint")
-        ck = torch.load(ckpt_path, map_location=device, weights_only=True)
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["opt"])
-        gen.set_state(ck["gen"].cpu())
-        torch.set_rng_state(ck["cpu_rng"].cpu())
-        st = ck["state"]
-        print(f"resumed from {ckpt_path} at step {st['step']} (epoch {st['step'] / steps_per_epoch:.2f})")
-    gen_snapshot = gen.get_state()
-
-    def save():
-        st["elapsed"] = elapsed()
-        ck = {"model": model.state_dict(), "opt": opt.state_dict(), "gen": gen_snapshot,
-              "cpu_rng": torch.get_rng_state(), "state": st}
-        save_atomic(ckpt_path, lambda p: torch.save(ck, p))
-
-    def write_log():
-        write_text(os.path.join(args.out, "log.jsonl"), "".join(json.dumps(r) + "\n" for r in st["log"]))
-
-    timer, session_start, elapsed_before, epochs_this_session = Timer(device), time.perf_counter(), st["elapsed"], 0
-    elapsed = lambda: elapsed_before + time.perf_counter() - session_start
-    header = f"{'epoch':>5} {'loss':>7} {'knn200':>7} {'knn5':>7} {'srank':>7} {'lr':>8} {'img/s':>7} {'elapsed':>8} {'eta':>8}"
-
-    def pause_timer():
-        if timer.running:
-            st["acc"]["train_s"] += timer.stop()
-            st["acc"]["timed_steps"] += st["step"] - st["acc"]["timed_from"]
-
-    def finish_epoch(epoch):
-        nonlocal epochs_this_session
-        pause_timer()
-        acc = st["acc"]
-        row = {"epoch": epoch, "loss": acc["loss"] / steps_per_epoch, "knn_top1": None, "knn5_top1": None,
-               "stable_rank": acc["stable_rank"], "lr": acc["lr"],
-               "images_per_s": acc["timed_steps"] * args.batch_size / acc["train_s"] if acc["train_s"] else None}
-        if epoch % args.eval_every == 0 or epoch == args.epochs:
-            bank, query = features(model["encoder"], train_x, autocast), features(model["encoder"], test_x, autocast)
-            row["knn_top1"] = knn_top1(bank, train_y, query, test_y, min(args.knn_k, len(bank)), "cosine", args.knn_t)
-            row["knn5_top1"] = knn_top1(bank, train_y, query, test_y, 5, "euclidean")
-        st["train_s"] += acc["train_s"]
-        epochs_this_session += 1
-        row["train_s"], row["elapsed_s"] = st["train_s"], elapsed()
-        row.update(acc.get("spectra", {}))
-        st["log"].append(row)
-        st["epochs_logged"] = epoch
-        eta = (row["elapsed_s"] - elapsed_before) / epochs_this_session * (args.epochs - epoch)
-        show = lambda v, f: format(v, f) if v is not None else "-"
-        print(f"{epoch:>5} {row['loss']:>7.4f} {show(row['knn_top1'], '>7.4f'):>7} {show(row['knn5_top1'], '>7.4f'):>7} "
-              f"{row['stable_rank']:>7.1f} {row['lr']:>8.2e} {show(row['images_per_s'], '>7.0f'):>7} "
-              f"{fmt_time(row['elapsed_s']):>8} {fmt_time(eta):>8}", flush=True)
-        write_log()
-        if epoch % args.save_every == 0 or epoch == args.epochs:
-            save()
-
-    print(header)
-    try:
-        while True:
-            gen_snapshot = gen.get_state()  # what a Ctrl-C checkpoint restores: the state before this step
-            epoch, i = divmod(st["step"], steps_per_epoch)
-            if i == 0 and st["epochs_logged"] < epoch:
-                finish_epoch(epoch)
-            if st["step"] >= total_steps:
-                break
-            if i == 0:
-                st["perm"] = torch.randperm(len(train_x), generator=gen, device=device)
-                st["acc"] = {"loss": 0.0, "stable_rank": None, "lr": None, "train_s": 0.0, "timed_steps": 0}
-            if not timer.running:
-                timer.start()
-                st["acc"]["timed_from"] = st["step"]
-            lr = lr_at(st["step"], steps_per_epoch, args)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            x = train_x[st["perm"][i * args.batch_size:(i + 1) * args.batch_size]]
-            views = [augment(x, args, gen) for _ in range(args.views)]
-            if cuda:
-                views = [v.contiguous(memory_format=torch.channels_last) for v in views]
-            with autocast:
-                # Encoder per view (BatchNorm statistics per view, as the released code), projector on all.
-                z = projector(torch.cat([encoder(v) for v in views]))
-            zs = z.float().chunk(args.views)
-            try:
-                loss = compute_loss(zs, args, gen)
-                # One sync per step; the whitening's own finiteness check already syncs.
-                loss_value = loss.item()
-                if not math.isfinite(loss_value):
-                    raise ValueError(f"loss is {loss_value}")
-            except ValueError as e:
-                pause_timer()
-                last = "the last checkpoint in " + args.out if os.path.exists(ckpt_path) else "no checkpoint yet"
-                msg = (f"stopped at step {st['step']} (epoch {epoch + 1}): non-finite loss ({e}). Likely cause: "
-                       f"rank-deficient whitening; try --eps 1e-4 or a smaller --sub-batch. Kept {last}.")
-                print(msg, file=sys.stderr)
-                return {"status": "nonfinite", "out": args.out, "log": st["log"], "message": msg}
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            st["acc"]["loss"] += loss_value
-            st["acc"]["lr"] = lr
-            st["step"] += 1
-            if i == steps_per_epoch - 1:  # the paper's indicator and the spectra, on the epoch's last batch
-                st["acc"]["stable_rank"] = stable_rank(zs[0]).item()
-                st["acc"]["spectra"] = spectra(zs[0], args)
-        if args.probe_epochs and "linear_top1" not in st["log"][-1]:
-            train_f, test_f = features(model["encoder"], train_x, autocast), features(model["encoder"], test_x, autocast)
-            top1 = linear_probe(train_f, train_y, test_f, test_y, args)
-            st["log"].append({"epoch": args.epochs, "linear_top1": top1, "elapsed_s": elapsed()})
-            print(f"linear probe top-1 {top1:.4f} ({args.probe_epochs} epochs on frozen features)")
-            write_log()
-            save()
-    except KeyboardInterrupt:
-        pause_timer()
-        save()
-        print(f"\ninterrupted: saved {ckpt_path} at step {st['step']}; continue with --resume {args.out}", file=sys.stderr)
-        return {"status": "interrupted", "out": args.out, "log": st["log"]}
-    print(f"done in {fmt_time(elapsed())}: {args.out}")
-    return {"status": "done", "out": args.out, "log": st["log"], "model": model}
+        print(f"resumed from {run.ckpt_path} at step {run.st['step']} (epoch {run.st['step'] / run.steps_per_epoch:.2f})")
+    write_text(os.path.join(args.out, "config.json"), json.dumps(vars(args), indent=1) + "\n")
+    return train(run, args)
 
 
 def interrupt(signum, frame):
@@ -556,4 +708,4 @@ def interrupt(signum, frame):
 if __name__ == "__main__":
     signal.signal(signal.SIGTERM, interrupt)  # `kill` and job schedulers stop a run as Ctrl-C does: saved
     result = main()
-    sys.exit({"done": 0, "interrupted": 130}.get(result["status"], 1))
+    sys.exit({"done": 0, "finished": 0, "interrupted": 130}.get(result["status"], 1))
