@@ -3,7 +3,8 @@ How ill-conditioned CW-RGP's covariances are, before and during training, and wh
 costs on one CPU core: the numbers quoted in docs/derivations.md (3), docs/paper-to-code.md and the
 loss benchmark of docs/results.md.
 
-    python docs/conditioning.py       # two epochs of Fashion-MNIST: about 5 minutes on 2 CPU cores
+    python docs/conditioning.py            # two epochs of Fashion-MNIST: about 5 minutes on 2 CPU cores
+    python docs/conditioning.py gaussian   # Gaussian blocks at and away from the shape rules: seconds, no data
 
 cond(Σ) = λ_max / λ_min of every channel-whitening covariance at the recipe's shape (sub-batches of
 64 consecutive samples, 4 groups of 128 consecutive channels; Σ = X Xᵀ/(c − 1), float64).
@@ -32,6 +33,41 @@ def conditions(z, groups=4, sub_batch=64):
 
 def summary(cond):
     return f"min {cond.min():.3g}  median {cond.median():.3g}  max {cond.max():.3g}"
+
+
+def gaussian():
+    """Derivation 3's numbers: how close to singular a block gets at the edge of the shape rules, and
+    which of the code's two tolerances refuses it. Seeded, float32 inputs as in training."""
+    torch.manual_seed(0)
+    eps32 = torch.finfo(torch.float32).eps
+    print(f"torch {torch.__version__}")
+    print(f"refusal thresholds for a 64×64 float32 block: whitening and loss (_data_tolerance) cond > "
+          f"{1 / cwrgp._data_tolerance(torch.zeros(64, 64)):.3g}; whitening_matrix (n·eps) cond > {1 / (64 * eps32):.3g}")
+
+    def refused(whiten, z):
+        try:
+            whiten(z)
+            return 0
+        except ValueError:
+            return 1
+
+    square = [torch.randn(64, 128) for _ in range(20)]  # CW, 2 groups: 64 samples × c = 64 channels
+    cond = torch.cat([conditions(z, groups=2, sub_batch=64) for z in square])
+    blocks = [rearrange(z.double() - z.double().mean(1, keepdim=True), "b (g c) -> g b c", g=2) for z in square]
+    by_matrix = sum(refused(cwrgp.whitening_matrix, cwrgp._covariance(x, 0.0).float()) for x in blocks)
+    print(f"CW, 20 draws of randn(64, 128), groups=2 (c = sub-batch = 64): cond {summary(cond)}; "
+          f"channel_whiten refused {sum(refused(lambda z: cwrgp.channel_whiten(z, groups=2), z) for z in square)}/20, "
+          f"whitening_matrix of the float32 covariances refused {by_matrix}/20")
+    tall = [torch.randn(65, 64) for _ in range(20)]  # BW: b = c + 1
+    x = torch.stack([(z.double() - z.double().mean(0)).T for z in tall])
+    eigenvalues = torch.linalg.eigvalsh(cwrgp._covariance(x, 0.0))
+    print(f"BW, 20 draws of randn(65, 64) (b = c + 1): cond {summary(eigenvalues[:, -1] / eigenvalues[:, 0])}; "
+          f"batch_whiten refused {sum(refused(cwrgp.batch_whiten, z) for z in tall)}/20")
+    s = torch.linalg.svdvals(torch.randn(200, 64, 64, dtype=torch.float64))
+    print(f"200 square 64×64 Gaussian matrices: median σ_min / median σ = {(s[:, -1] / s.median(-1).values).median():.3g} "
+          f"(1/n = {1 / 64:.3g}, 1/√n = {64 ** -0.5:.3g}); median σ_min / σ_max = {(s[:, -1] / s[:, 0]).median():.3g}")
+    recipe = torch.cat([conditions(torch.randn(64, 512), groups=4, sub_batch=64) for _ in range(20)])
+    print(f"the recipe's shape, 20 draws of randn(64, 512), groups=4 (c = 128 = 2·sub-batch): cond {summary(recipe)}")
 
 
 def main():
@@ -78,4 +114,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    gaussian() if sys.argv[1:] == ["gaussian"] else main()

@@ -11,6 +11,17 @@ and one from cwrgp.py itself:
     pip install -r docs/requirements.txt
     python docs/figures.py                       # redraw docs/*.png from the runs kept in docs/logs/
     python docs/figures.py runs/A runs/B         # draw both figures for your own runs, into runs/A
+
+With no arguments it reads the kept runs by name from docs/logs/: <name>.jsonl (a run's log.jsonl)
+beside <name>.config.json (its config.json); training.png from fmnist-cwrgp, fmnist-wmse and
+fmnist-plain, spectrum.png from spectrum-wmse and spectrum-cwrgp. To put a new run there, copy its
+two files under those names. Runs whose configs would get the same legend label are labelled by
+their directory (or log) name instead.
+
+Redraws are byte-identical on one machine with the same library versions (the data are the logs or
+seeded, and the PNGs carry no version or date). With another matplotlib, or another LAPACK, a few
+pixels can differ: the PCA curve of whitening.png sits where the eigenvectors' signs are decided by
+rounding.
 """
 
 import json
@@ -30,9 +41,14 @@ LOGS = DOCS / "logs"
 RAW_PIXEL_KNN5 = 0.855  # 5-NN Euclidean on raw pixels in [0, 1], docs/results.md
 
 
-def load_run(log, config):
+# No "Software" entry: the bytes of a redraw then depend on the pixels alone, not on matplotlib's version.
+SAVE = {"dpi": 120, "metadata": {"Software": None}}
+
+
+def load_run(log, config, name):
     rows = [json.loads(line) for line in pathlib.Path(log).read_text().splitlines() if line.strip()]
-    return {"epochs": [row for row in rows if "loss" in row], "config": json.loads(pathlib.Path(config).read_text())}
+    return {"epochs": [row for row in rows if "loss" in row], "config": json.loads(pathlib.Path(config).read_text()),
+            "name": name}
 
 
 def label(config):
@@ -42,12 +58,18 @@ def label(config):
     return f"{name} ({axis}, {config['whiten']}, d={config['emb']}, g={config['groups']}, sub-batch {config['sub_batch']})"
 
 
+def labels(runs):
+    """One legend label per run: its config's, or its name where two configs would read the same."""
+    by_config = [label(run["config"]) for run in runs]
+    return [run["name"] if by_config.count(text) > 1 else text for run, text in zip(runs, by_config)]
+
+
 def training_figure(runs, path, title):
     fig, (knn, rank) = plt.subplots(1, 2, figsize=(10, 3.8))
-    for run in runs:
+    for run, text in zip(runs, labels(runs)):
         rows = [row for row in run["epochs"] if row.get("knn5_top1") is not None]
         epochs = [row["epoch"] for row in rows]
-        knn.plot(epochs, [row["knn5_top1"] for row in rows], marker="o", label=label(run["config"]))
+        knn.plot(epochs, [row["knn5_top1"] for row in rows], marker="o", label=text)
         rank.plot(epochs, [row["stable_rank"] / run["config"]["emb"] for row in rows], marker="o")
     if all(run["config"]["dataset"] == "fashion-mnist" and not run["config"]["limit"] for run in runs):
         knn.axhline(RAW_PIXEL_KNN5, color="gray", linestyle="--", label="raw pixels")
@@ -55,13 +77,15 @@ def training_figure(runs, path, title):
     rank.set(xlabel="epoch", ylabel="stable rank / d", yscale="log", title="embedding stable rank (normalised)")
     knn.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, **SAVE)
 
 
 def spectrum_figure(runs, path, title):
     runs = [run for run in runs if run["epochs"] and run["epochs"][-1].get("embedding_spectrum")]
+    if not runs:  # logs written before the trainer recorded spectra
+        return False
     fig, axes = plt.subplots(1, len(runs), figsize=(5 * len(runs), 3.8), squeeze=False)
-    for ax, run in zip(axes[0], runs):
+    for ax, run, text in zip(axes[0], runs, labels(runs)):
         rows = run["epochs"]
         shown = [rows[0], rows[len(rows) // 2], rows[-1]] if len(rows) >= 3 else rows
         for color, row in zip(plt.cm.viridis([0.15, 0.5, 0.85]), shown):
@@ -74,11 +98,12 @@ def spectrum_figure(runs, path, title):
                     label=f"whitened output, epoch {rows[-1]['epoch']}")
         # Eigenvalues that are zero up to rounding (beyond the rank) fall below the axis.
         ax.set(xscale="log", yscale="log", ylim=(1e-6, 2), xlabel="eigenvalue index k",
-               ylabel="λ_k / λ_1", title=label(run["config"]).replace(" (", "\n("))
+               ylabel="λ_k / λ_1", title=text.replace(" (", "\n("))
         ax.legend(fontsize=8, loc="lower left")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, **SAVE)
+    return True
 
 
 def whitening_figure(path):
@@ -109,18 +134,22 @@ def whitening_figure(path):
                 title="near-equal eigenvalues (gap 2e-6)")
     axes[4].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, **SAVE)
 
 
 def main(run_dirs):
     if run_dirs:
-        runs = [load_run(pathlib.Path(d) / "log.jsonl", pathlib.Path(d) / "config.json") for d in run_dirs]
+        runs = [load_run(pathlib.Path(d) / "log.jsonl", pathlib.Path(d) / "config.json", pathlib.Path(d).resolve().name)
+                for d in run_dirs]
         out = pathlib.Path(run_dirs[0])
         training_figure(runs, out / "training.png", f"{runs[0]['config']['dataset']}")
-        spectrum_figure(runs, out / "spectrum.png", "channel covariance of one view's batch")
-        print(f"wrote {out / 'training.png'} and {out / 'spectrum.png'}")
+        print(f"wrote {out / 'training.png'}")
+        if spectrum_figure(runs, out / "spectrum.png", "channel covariance of one view's batch"):
+            print(f"wrote {out / 'spectrum.png'}")
+        else:
+            print("no spectrum.png: none of these logs records eigenvalue spectra")
         return
-    kept = lambda name: load_run(LOGS / f"{name}.jsonl", LOGS / f"{name}.config.json")  # noqa: E731
+    kept = lambda name: load_run(LOGS / f"{name}.jsonl", LOGS / f"{name}.config.json", name)  # noqa: E731
     training_figure([kept(f"fmnist-{m}") for m in ("cwrgp", "wmse", "plain")], DOCS / "training.png",
                     "Fashion-MNIST, convnet, 2-core CPU")
     spectrum_figure([kept(f"spectrum-{m}") for m in ("wmse", "cwrgp")], DOCS / "spectrum.png",
