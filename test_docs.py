@@ -1,0 +1,180 @@
+"""
+Tests that the documentation still describes the code: every line link in README.md and docs/*.md
+lands on the definition it names, every test the docs name exists, the README's snippet runs,
+every train_cifar.py command in the docs parses, and the docs cite the paper and the code, not a
+tracker.
+
+Line links are written [`name`](path.py#L123), path relative to the Markdown file; name is a
+top-level function, class or assignment, or Class.method. When code moves, fix them all at once:
+
+    python test_docs.py --update
+"""
+
+import ast
+import pathlib
+import re
+import shlex
+import sys
+
+import pytest
+import torch
+
+ROOT = pathlib.Path(__file__).resolve().parent
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+LINK = re.compile(r"\[`(?P<name>[\w.]+)`\]\((?P<path>[\w./-]+\.py)#L(?P<line>\d+)\)")
+
+
+def definitions(path):
+    """{name: line} for the top-level functions, classes and assignments of a Python file, and
+    Class.method for methods."""
+    found = {}
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            found[node.name] = node.lineno  # the def/class line, below any decorator
+            if isinstance(node, ast.ClassDef):
+                for item in node.body:
+                    if isinstance(item, ast.FunctionDef):
+                        found[f"{node.name}.{item.name}"] = item.lineno
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            for target in node.targets if isinstance(node, ast.Assign) else [node.target]:
+                if isinstance(target, ast.Name):
+                    found[target.id] = node.lineno
+    return found
+
+
+def line_links():
+    """(page, line of the page, name, target file, line number) for every line link in the docs."""
+    for page in PAGES:
+        for number, text in enumerate(page.read_text().splitlines(), 1):
+            for link in LINK.finditer(text):
+                target = (page.parent / link["path"]).resolve()
+                yield page, number, link["name"], target, int(link["line"])
+
+
+def stale_links():
+    """[(page, page line, name, target, written line, line now or None)] for links that miss."""
+    cache, stale = {}, []
+    for page, number, name, target, line in line_links():
+        if target not in cache:
+            cache[target] = definitions(target) if target.exists() else {}
+        now = cache[target].get(name)
+        if now != line:
+            stale.append((page, number, name, target, line, now))
+    return stale
+
+
+def test_line_links_point_at_the_definitions_they_name():
+    links = list(line_links())
+    assert len(links) >= 20, "the paper-to-code map lost its line links"
+    stale = stale_links()
+    report = [
+        f"{page.relative_to(ROOT)}:{number}: {name} is written as {target.relative_to(ROOT)}#L{line}, "
+        + (f"now defined at line {now}" if now else "but no such definition exists")
+        for page, number, name, target, line, now in stale
+    ]
+    assert not stale, "stale line links (run `python test_docs.py --update` to fix moved ones):\n" + "\n".join(report)
+
+
+def update():
+    """Rewrite every line link whose definition moved; report the ones whose name is gone."""
+    fixes = {}
+    for page, number, name, target, line, now in stale_links():
+        if now is None:
+            print(f"{page.relative_to(ROOT)}:{number}: {name} not found in {target.relative_to(ROOT)}: fix by hand")
+        else:
+            fixes.setdefault(page, {})[(number, name)] = now
+    for page, moved in fixes.items():
+        lines = page.read_text().split("\n")
+        for (number, name), now in moved.items():
+            lines[number - 1] = re.sub(
+                rf"(\[`{re.escape(name)}`\]\([\w./-]+\.py#L)\d+\)", rf"\g<1>{now})", lines[number - 1])
+        page.write_text("\n".join(lines))
+        print(f"{page.relative_to(ROOT)}: {len(moved)} line links updated")
+
+
+def test_every_test_the_docs_name_exists():
+    tests = set()
+    for path in ROOT.glob("test_*.py"):
+        tests |= {name for name in definitions(path) if name.startswith("test_")}
+    named = [(page, name) for page in PAGES for name in re.findall(r"`(test_\w+)`", page.read_text())]
+    assert named
+    missing = sorted({f"{page.relative_to(ROOT)}: {name}" for page, name in named if name not in tests})
+    assert not missing, "docs name tests that do not exist:\n" + "\n".join(missing)
+
+
+def test_readme_snippet_runs_and_prints_what_it_computes(capsys):
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    snippet = next(block for block in blocks if "cw_rgp_loss" in block)
+    torch.manual_seed(0)
+    # Stand-ins for the reader's network: any encoder, a 512-d projector for CW-RGP and a 64-d one for W-MSE.
+    encoder = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 256), torch.nn.ReLU())
+    names = {"encoder": encoder, "projector": torch.nn.Linear(256, 512), "projector_64": torch.nn.Linear(256, 64),
+             "view1": torch.rand(256, 3, 8, 8), "view2": torch.rand(256, 3, 8, 8)}
+    exec(compile(snippet, "README.md", "exec"), names)
+    printed = capsys.readouterr().out
+    assert printed.strip(), "the snippet's last lines should print what they compute"
+    assert all(re.search(r"\d", line) for line in printed.strip().splitlines())
+
+
+def trainer_commands():
+    """Every `python train_cifar.py ...` command in the docs, with shell variables set earlier in
+    the same code block expanded, as (page, argv)."""
+    for page in PAGES:
+        text = page.read_text()
+        for block in re.findall(r"```[a-z]*\n(.*?)```", text, re.S):
+            variables = {}
+            for line in block.replace("\\\n", " ").splitlines():
+                assignment = re.match(r'\s*([A-Z_]+)="([^"]*)"\s*$', line)
+                if assignment:
+                    variables[assignment[1]] = assignment[2]
+                yield from commands_in(page, line, variables)
+        for span in re.findall(r"`([^`]*python train_cifar\.py[^`]*)`", re.sub(r"```.*?```", "", text, flags=re.S)):
+            yield from commands_in(page, span.replace("\n", " "), {})
+        # the flags a dataset this script does not load would need (paper-to-code.md's last table)
+        for span in re.findall(r"`(--views [^`]*)`", text):
+            yield page, shlex.split(span)
+
+
+def commands_in(page, text, variables):
+    for part in re.split(r";|&&|\|\|", text.split(" #")[0]):
+        if "train_cifar.py" not in part:
+            continue
+        for name, value in variables.items():
+            part = part.replace(f"${name}", value)
+        argv = shlex.split(part)
+        yield page, argv[argv.index("train_cifar.py") + 1:]
+
+
+def test_trainer_commands_in_the_docs_parse():
+    import train_cifar
+
+    commands = list(trainer_commands())
+    assert len(commands) >= 15, "expected the recipe table and the results' commands"
+    bad = []
+    for page, argv in commands:
+        try:
+            train_cifar.build_parser().parse_args(argv)
+        except SystemExit:
+            bad.append(f"{page.relative_to(ROOT)}: python train_cifar.py {shlex.join(argv)}")
+    assert not bad, "commands in the docs that train_cifar.py refuses:\n" + "\n".join(bad)
+
+
+def test_docs_cite_the_paper_and_the_code_not_a_tracker():
+    cited = [f"{page.relative_to(ROOT)}:{number}: {line.strip()}"
+             for page in PAGES for number, line in enumerate(page.read_text().splitlines(), 1)
+             if re.search(r"\bissues?\b|\bclaim \d", line, re.I)]
+    assert not cited, "the docs point at something a reader cannot see:\n" + "\n".join(cited)
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda page: page.name)
+def test_relative_links_lead_to_files(page):
+    missing = [target for target in re.findall(r"\]\(([^)#:\s]+)(?:#[^)]*)?\)", page.read_text())
+               if not (page.parent / target).exists()]
+    assert not missing, f"{page.name} links to files that do not exist: {missing}"
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["--update"]:
+        update()
+    else:
+        print(__doc__)
