@@ -1,19 +1,29 @@
 """
-Speed of the batched whitening loss against a straightforward loop, forward + backward.
+Speed of the batched whitening loss against a straightforward loop, forward + backward; on CUDA,
+also the speed of the whole training step.
 
 Two baselines compute the same loss from the same partitions (the largest difference is printed):
 "loop", one SVD per repetition, sub-batch, view and group, with autograd through the SVD; and
 "released", the structure of the authors' code: one batched SVD over the groups per sub-batch and
-view, the channel order restored through a Python list. Run: python bench.py  (CUDA rows are added
-when a GPU is present)
+view, the channel order restored through a Python list.
+
+The training-step table runs train_cifar.py's own step (one augmentation call, encoder per view,
+projector, loss, backward, Adam) on CIFAR-shaped fake data with the recipe's ResNet-18 and batch
+256, eager and under --compile, for no whitening, W-MSE and CW-RGP with 2 and 4 views; the
+encoder's forward + backward alone is the ceiling the step can approach.
+
+    python bench.py                  # the loss table (CPU, and CUDA when present), then the step table on CUDA
+    python bench.py --steps-on cpu   # only the step table, on the CPU at a small shape: checks its code, measures nothing of record
 """
 
+import argparse
 import platform
 import time
 
 import torch
 import torch.nn.functional as F
 
+import train_cifar
 from cwrgp import random_group_partition, whitening_loss
 
 SHAPES = {  # name: (views, batch, dim, loss arguments)
@@ -79,8 +89,9 @@ def looped_loss(whiten, views, samples, channels, axis, method, groups, sub_batc
     return loss / (samples.shape[0] * pairs)
 
 
-def timed(fn, device, repeats):
-    fn()  # warm-up
+def timed(fn, device, repeats, warmup=1):
+    for _ in range(warmup):  # first calls: allocation, cuDNN autotuning, compilation, CUDA-graph recording
+        fn()
     if device == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
@@ -91,7 +102,84 @@ def timed(fn, device, repeats):
     return (time.perf_counter() - start) / repeats * 1e3
 
 
-def main():
+STEP_ROWS = {  # name: train_cifar.py flags
+    "no whitening": ["--method", "plain"],
+    "W-MSE 2": ["--method", "wmse"],
+    "CW-RGP 2": ["--method", "cwrgp"],
+    "CW-RGP 4": ["--method", "cwrgp", "--views", "4"],
+}
+RECIPE = ["--arch", "resnet18", "--batch-size", "256"]
+SMALL = ["--arch", "convnet", "--width", "8", "--hidden", "64", "--batch-size", "128"]  # --steps-on cpu
+
+
+def trainer_run(device, shape, flags):
+    """A train_cifar.py run set up as for training (model, optimiser, generator, compiled step) on
+    fake CIFAR-shaped data, without its directory; and one batch of its images."""
+    args = train_cifar.resolve_config(["--dataset", "fake", "--device", device, "--out", "unused", *shape, *flags])
+    run = train_cifar.start_run(args)
+    return args, run, run.data[0][:args.batch_size]
+
+
+def step_timer(device, shape, flags):
+    args, run, x = trainer_run(device, shape, flags)
+    return lambda: train_cifar.train_step(run.forward, run.model, run.opt, x, args.lr, run.gen, args)
+
+
+def encoder_timer(device, shape):
+    """The encoder's forward + backward on the views of a 2-view step, called per view as the step does."""
+    args, run, x = trainer_run(device, shape, [])
+    views = train_cifar.augment(x.repeat(2, 1, 1, 1), train_cifar.augmentation_noise(2 * len(x), run.gen), args)
+    if device == "cuda":
+        views = views.contiguous(memory_format=torch.channels_last)
+    encoder = run.model["encoder"]
+
+    def step():
+        with train_cifar.autocast(views.device):
+            out = torch.cat([encoder(v) for v in views.chunk(2)])
+        out.float().square().mean().backward()
+    return step
+
+
+def step_table(device, shape=RECIPE, backend="inductor", repeats=20, compiled_rows=tuple(STEP_ROWS)):
+    """ms per training step and source images/s, eager for every row and compiled for compiled_rows,
+    printed as measured; returns the rows as (name, mode, ms, images/s)."""
+    batch = int(shape[shape.index("--batch-size") + 1])
+    print(f"training step on {device}: {' '.join(shape)}, fake CIFAR-shaped data"
+          f"{', bf16 autocast' if device == 'cuda' else ''}; compiled: torch.compile backend {backend}")
+    print(f"{'step':<26}{'mode':>9}{'ms/step':>10}{'images/s':>10}")
+    rows = []
+    jobs = [(name, "eager", flags) for name, flags in STEP_ROWS.items()]
+    jobs += [(name, "compiled", STEP_ROWS[name]) for name in compiled_rows]
+    for name, mode, flags in jobs + [("encoder fwd+bwd alone", "eager", None)]:
+        if flags is None:
+            fn = encoder_timer(device, shape)
+        else:
+            compiled = ["--compile", "--compile-backend", backend] if mode == "compiled" else []
+            fn = step_timer(device, shape, flags + compiled)
+        # CUDA graphs are recorded on the third call or so; before that a compiled step runs as warm-up.
+        ms = timed(fn, device, repeats, warmup=5 if mode == "compiled" and device == "cuda" else 1)
+        rows.append((name, mode, ms, batch / ms * 1e3))
+        print(f"{name:<26}{mode:>9}{ms:>10.2f}{batch / ms * 1e3:>10.0f}", flush=True)
+    return rows
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
+    parser.add_argument("--steps-on", choices=["cpu", "cuda"],
+                        help="only the training-step table, on this device (cpu: a small convnet, 2 steps, CW-RGP 2 alone compiled, with aot_eager)")
+    options = parser.parse_args(argv)
+    if options.steps_on == "cpu":
+        step_table("cpu", SMALL, backend="aot_eager", repeats=2, compiled_rows=["CW-RGP 2"])
+        return
+    if options.steps_on == "cuda":
+        step_table("cuda")
+        return
+    loss_table()
+    if torch.cuda.is_available():
+        step_table("cuda")
+
+
+def loss_table():
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
           f"{torch.get_num_threads()} threads" + (f", {torch.cuda.get_device_name()}" if "cuda" in devices else ""))

@@ -310,6 +310,20 @@ def test_lr_schedule():
     assert train_cifar.lr_at(99, 10, short) == pytest.approx(3e-3)
 
 
+@pytest.mark.parametrize("method", ["cwrgp", "wmse"])
+def test_step_compiles_to_one_graph(method):
+    """The step's forward (augmentation, encoder, projector, loss), given its drawn randomness, is one
+    graph for torch.compile: no graph breaks, so nothing in it waits for the host."""
+    args = train_cifar.resolve_config(["--dataset", "fake", "--out", "unused", "--method", method, *TINY])
+    run = train_cifar.start_run(args)
+    x = run.data[0][:args.batch_size]
+    noise = train_cifar.augmentation_noise(args.views * len(x), run.gen)
+    explained = torch._dynamo.explain(train_cifar.forward_loss)(
+        run.model, x, noise, train_cifar.draw_partition(len(x), args, run.gen), args)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    assert explained.graph_count == 1
+
+
 def test_compile_trains_as_eager(tmp_path):
     """--compile (here with the aot_eager backend, which needs no C compiler) trains the weights
     and logs the losses of the eager step, from the same randomness drawn outside the step."""
@@ -321,3 +335,13 @@ def test_compile_trains_as_eager(tmp_path):
     a, b = eager["model"].state_dict(), compiled["model"].state_dict()
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=1e-3, atol=1e-4)
+
+
+def test_bench_step_table_runs_on_cpu():
+    """bench.py's training-step table, the CUDA benchmark's code, runs the trainer's own step for
+    every row eager, one row compiled, and the encoder alone, at a small shape on the CPU."""
+    import bench
+    rows = bench.step_table("cpu", bench.SMALL, backend="aot_eager", repeats=1, compiled_rows=["CW-RGP 2"])
+    expected = [(name, "eager") for name in bench.STEP_ROWS] + [("CW-RGP 2", "compiled")]
+    assert [(name, mode) for name, mode, _, _ in rows] == expected + [("encoder fwd+bwd alone", "eager")]
+    assert all(ms > 0 and images_per_s > 0 for _, _, ms, images_per_s in rows)

@@ -288,18 +288,13 @@ def compute_loss(zs, args, partition):
         return plain_loss(*zs)
     axis = "channel" if args.method == "cwrgp" else "batch"
     return whitening_loss(*zs, axis=axis, groups=args.groups, sub_batch=args.sub_batch, iters=args.iters,
-                          method=args.whiten, eps=args.eps, generator=partition)
+                          method=args.whiten, eps=args.eps, partition=partition)
 
 
 def draw_partition(batch, args, gen):
-    # Interim, until whitening_loss takes the drawn partition itself: a generator at the state that
-    # draws it, while `gen` moves past the same draws.
     if args.method == "plain":
         return None
-    fork = torch.Generator(gen.device)
-    fork.set_state(gen.get_state())
-    random_group_partition(args.views, batch, args.emb, args.groups, args.sub_batch, args.iters, gen, gen.device)
-    return fork
+    return random_group_partition(args.views, batch, args.emb, args.groups, args.sub_batch, args.iters, gen, gen.device)
 
 
 def check_loss_shapes(args):
