@@ -3,22 +3,29 @@ Whitening losses for self-supervised learning, centred on CW-RGP: channel whiten
 group partition, from "An Investigation into Whitening Loss for Self-supervised Learning"
 (Weng, Huang, Zhao, Anwer, Khan, Khan; NeurIPS 2022, arXiv 2210.03586).
 
-One view's embedding z is (b, d): b samples, d channels. After a permutation of the channels they
+One view's embedding Z is (b, d): b samples, d channels. After a permutation of the channels they
 are cut into g groups of c = d/g channels, and every group is whitened on its own:
 
   batch whitening (BW, W-MSE):   Z̄ = Z − mean over samples,   Σ = Z̄ᵀZ̄/(b−1) (c×c),   Ẑ = Z̄Wᵀ
   channel whitening (CW, paper): Z̄ = Z − mean over channels,  Σ = Z̄Z̄ᵀ/(c−1) (b×b),   Ẑ = WZ̄
 
 with W Σ Wᵀ = I from ZCA (W = Σ^(-1/2)), Cholesky (W = L⁻¹, Σ = LLᵀ) or PCA (W = Λ^(-1/2)Uᵀ).
-The loss pulls the whitened views together: L = (1/m) Σ_rows ‖Φ(Z₁) − Φ(Z₂)‖².
+The loss pulls the whitened views together: L = (1/m)‖Φ(Z₁) − Φ(Z₂)‖²_F, where the paper's m is
+the number of samples, so L is the mean over samples of the squared distance. Whitening runs on
+sub-batches of `sub_batch` samples; inside `_whiten` the sub-batch is the b of the formulas above.
 
 What this file adds to the released recipe: every view, sub-batch, group and repetition of a step
 is whitened by one batched decomposition; the small covariances are formed and decomposed in
 float64 and everything else runs in float32 (half-precision inputs and autocast included); ZCA has
-an exact backward that stays finite when eigenvalues repeat; shapes that cannot be whitened are
-refused with the rule and the fix. Axis letters: i repetitions, v views, n sub-batches, b samples,
-d channels, g groups, c channels per group.
+two exact solvers, an eigendecomposition with a backward that stays finite when eigenvalues repeat
+and a Newton–Schulz iteration that is only matrix products, so on a GPU the loss compiles and runs
+inside a CUDA graph; shapes and arguments that cannot be whitened are refused with the rule and the
+fix. Axis letters: i repetitions, v views, s sub-batches, b samples, d channels, g groups, c
+channels per group; a matrix whose n rows are whitened is x (n, k), its covariance Σ (n, n).
 """
+
+import math
+import operator
 
 import torch
 import torch.nn.functional as F
@@ -28,26 +35,43 @@ from torch.autograd.function import once_differentiable
 
 METHODS = ("zca", "cholesky", "pca")
 AXES = ("channel", "batch")
+SOLVERS = ("auto", "eigh", "newton")
+
+NON_FINITE = ("covariance contains NaN or Inf: the embedding is not finite (the network diverged: "
+              "lower the learning rate or check the inputs)")
+SINGULAR = ("covariance is singular (numerically rank-deficient): the embedding does not span its group. "
+            "Use eps > 0 (shrinkage), or reshape the problem: batch whitening needs sub_batch > channels "
+            "per group, channel whitening needs channels per group >= sub_batch.")
+PCA_TIES = ("PCA whitening has no gradient where two eigenvalues of the covariance coincide (its "
+            "eigenvectors are not unique there): use method 'zca' or 'cholesky', or detach the input")
+ASYMMETRIC = "cov is not symmetric (beyond rounding): a covariance is symmetric, and W cov Wᵀ = I needs one"
 
 
 # ----------------------------------------------------------------------------------------------
-# Whitening matrices: W with W Σ Wᵀ = I
+# Failures: raised where the host may look, NaN where it may not
 
-def _refuse_non_finite(cov):
-    if not bool(torch.isfinite(cov).all()):
-        raise ValueError(
-            "covariance contains NaN or Inf: the embedding is not finite (the network diverged: "
-            "lower the learning rate or check the inputs), or so large that its covariance overflows"
-        )
+def _host_reads_allowed():
+    """False while torch.compile traces or a CUDA graph is captured: nothing may then be read back."""
+    if torch.compiler.is_compiling():
+        return False
+    return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
 
 
-def _refuse_singular(smallest, largest, relative_tolerance):
-    if bool((smallest <= relative_tolerance * largest).any()):
-        raise ValueError(
-            "covariance is singular (numerically rank-deficient): the embedding does not span its "
-            "group. Use eps > 0 (shrinkage), or reshape the problem: batch whitening needs "
-            "sub_batch > channels per group, channel whitening needs channels per group >= sub_batch."
-        )
+def _refuse_or_poison(out, failures):
+    """out (..., n, k); failures: (flags, message) pairs, flags a bool tensor (...) per matrix.
+
+    Eager, the first failure raises ValueError(message) after one read back to the host. Compiled
+    or captured, the failed matrices become NaN instead, so the loss is NaN, never a finite wrong
+    number.
+    """
+    if _host_reads_allowed():
+        found = torch.stack([flags.any() for flags, _ in failures]).tolist()
+        for hit, (_, message) in zip(found, failures):
+            if hit:
+                raise ValueError(message)
+        return out
+    failed = torch.stack([flags for flags, _ in failures]).any(0)
+    return out.masked_fill(failed[..., None, None], float("nan"))
 
 
 def _data_tolerance(x):
@@ -61,24 +85,10 @@ def _data_tolerance(x):
     return max((k * torch.finfo(x.dtype).eps) ** 2, n * torch.finfo(torch.float64).eps)
 
 
-# The n for which LAPACK on the host decomposes a batch of CUDA n×n covariances faster than cuSOLVER,
-# transfers included (H200, torch 2.11; docs/results.md). cuSOLVER covers n ≤ 32 with one batched
-# Jacobi kernel but takes larger matrices one at a time; above 128 its speed per matrix wins again.
-_HOST_EIGH_SIZES = range(33, 129)
-
-
-def _checked_eigh(cov, relative_tolerance):
-    """Eigendecomposition (float64, no autograd) of covariances that must be finite and full rank.
-    CUDA covariances of the sizes above are decomposed on the host, and checked there, so the step
-    waits for the device once."""
-    work = cov.detach().double()
-    if work.is_cuda and work.shape[-1] in _HOST_EIGH_SIZES:
-        work = work.cpu()
-    _refuse_non_finite(work)
-    eigenvalues, U = torch.linalg.eigh(work)
-    _refuse_singular(eigenvalues[..., 0], eigenvalues[..., -1], relative_tolerance)
-    return eigenvalues.to(cov.device), U.to(cov.device)
-
+# ----------------------------------------------------------------------------------------------
+# Whitening matrices of float64 covariances Σ (..., n, n) scaled to mean diagonal 1: each returns
+# W (or, for ZCA by eigh, W x directly) and the flags of the matrices whose λ_min ≤ t·λ_max, t the
+# relative tolerance
 
 def _divided_differences(s):
     """K_ij = (f(λ_i) − f(λ_j)) / (λ_i − λ_j) for f(λ) = λ^(-1/2), s = √λ, in closed form.
@@ -91,59 +101,22 @@ def _divided_differences(s):
     return -1 / (s_i * s_j * (s_i + s_j))
 
 
-class _InverseSqrt(torch.autograd.Function):
-    """W = Σ^(-1/2) = U diag(1/s) Uᵀ from Σ = U diag(s²) Uᵀ, with an exact backward.
-
-    The derivative of Σ^(-1/2) in direction dΣ is U (K ∘ Uᵀ dΣ U) Uᵀ (Daleckii–Krein, K from
-    _divided_differences). The map is self-adjoint, so the backward applies it to the symmetric
-    part of the incoming gradient.
-    """
-
-    @staticmethod
-    def forward(ctx, cov, eigenvalues, U):
-        s = eigenvalues.sqrt()
-        ctx.save_for_backward(s, U)
-        return (U / s.unsqueeze(-2)) @ U.mT
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_W):
-        s, U = ctx.saved_tensors
-        grad_sym = (grad_W + grad_W.mT) / 2
-        return U @ (_divided_differences(s) * (U.mT @ grad_sym @ U)) @ U.mT, None, None
-
-
-def _covariance(x, eps):
-    """Σ = x xᵀ/(k−1) of the rows of x (..., n, k), shrunk as Σ ← (1−ε)Σ + εI, in float64.
-
-    Within the first epoch on Fashion-MNIST Σ reaches condition numbers of 4e4 (docs/conditioning.py),
-    where float32 rounding of Σ (n·eps ≈ 8e-6 of λ_max) is a third of λ_min. In float64 λ_min keeps
-    its digits, and only these small n×n matrices pay for the precision.
-    """
-    x = x.double()
-    cov = einsum(x, x, "... n k, ... n2 k -> ... n n2") / (x.shape[-1] - 1)
-    if eps:
-        cov = (1 - eps) * cov + eps * torch.eye(cov.shape[-1], dtype=cov.dtype, device=cov.device)
-    return cov
-
-
-class _ZCAWhitenRows(torch.autograd.Function):
-    """Y = Σ^(-1/2) x with Σ = (1−ε) x xᵀ/m + εI, m = k − 1, as one op with an exact backward.
+class _InverseSqrtTimes(torch.autograd.Function):
+    """Y = Σ^(-1/2) x = U (Uᵀx / s) from Σ = U diag(s²) Uᵀ, with an exact backward; x = I gives W.
 
     In the eigenbasis (x′ = Uᵀx, G′ = UᵀG for the incoming gradient G = ∂L/∂Y):
-        Y        = U (x′ / s)
-        ∂L/∂x    = U ( G′ / s  +  2(1−ε)/m · H′ x′ ),     H′ = K ∘ sym(G′ x′ᵀ)
-    the first term through W, the second through Σ (H′ is ∂L/∂Σ in the eigenbasis, K from
-    _divided_differences). Fusing the chain rule this way takes 7 matrix products instead of 11.
+        ∂L/∂x = U (G′ / s),     ∂L/∂Σ = U (K ∘ sym(G′ x′ᵀ)) Uᵀ
+    the second by Daleckii–Krein: the derivative of Σ^(-1/2) in direction dΣ is U (K ∘ Uᵀ dΣ U) Uᵀ,
+    K from _divided_differences, a self-adjoint map, hence the symmetric part. Never forming W
+    saves the products that W and its gradient would cost. The decomposition is float64; the
+    products run in x's dtype.
     """
 
     @staticmethod
-    def forward(ctx, x, eps):
-        eigenvalues, U = _checked_eigh(_covariance(x, eps), _data_tolerance(x))
-        U, s = U.to(x.dtype), eigenvalues.sqrt().unsqueeze(-1).to(x.dtype)
+    def forward(ctx, cov, x, eigenvalues, U):
+        U, s = U.to(x.dtype), eigenvalues.sqrt().to(x.dtype).unsqueeze(-1)
         x_eig = U.mT @ x
         ctx.save_for_backward(U, s, x_eig)
-        ctx.sigma_scale = 2 * (1 - eps) / (x.shape[-1] - 1)
         return U @ (x_eig / s)
 
     @staticmethod
@@ -151,67 +124,180 @@ class _ZCAWhitenRows(torch.autograd.Function):
     def backward(ctx, grad_out):
         U, s, x_eig = ctx.saved_tensors
         grad_eig = U.mT @ grad_out
-        outer = grad_eig @ x_eig.mT
-        grad_cov_eig = _divided_differences(s.squeeze(-1)) * (outer + outer.mT) / 2
-        return U @ (grad_eig / s + ctx.sigma_scale * (grad_cov_eig @ x_eig)), None
+        grad_cov = grad_x = None
+        if ctx.needs_input_grad[0]:
+            outer = grad_eig @ x_eig.mT
+            grad_cov = U @ (_divided_differences(s.squeeze(-1)) * (outer + outer.mT) / 2) @ U.mT
+        if ctx.needs_input_grad[1]:
+            grad_x = U @ (grad_eig / s)
+        return grad_cov, grad_x, None, None
 
 
-def whitening_matrix(cov, method="zca"):
-    """(..., n, n) symmetric positive-definite covariances -> (..., n, n) W with W cov Wᵀ = I.
+def _zca_eigh(cov, x, relative_tolerance):
+    """Σ^(-1/2) x by eigendecomposition: exact to float64 rounding (about cond(Σ)·eps₆₄ relative)."""
+    eigenvalues, U = torch.linalg.eigh(cov.detach())
+    singular = eigenvalues[..., 0] <= relative_tolerance * eigenvalues[..., -1]
+    return _InverseSqrtTimes.apply(cov, x, eigenvalues, U), singular
 
-    method "zca": W = Σ^(-1/2), the symmetric choice (exact backward, see _InverseSqrt);
-    "cholesky": W = L⁻¹ with Σ = LLᵀ (lower triangular); "pca": W = Λ^(-1/2)Uᵀ, eigenvalues in
-    descending order (its output depends on the eigenvectors' signs, which is why it fails as a
-    loss). Computed in float64, returned in cov's dtype. A covariance that is not finite, or
-    numerically singular (λ_min ≤ n·eps·λ_max in cov's dtype), raises ValueError.
+
+# A converged iteration has ZY = I to float64 rounding (below 1e-9 at cond 1e15, n up to 512); one
+# that has not leaves 1 − p of order one on its slowest eigenvector.
+NEWTON_RESIDUAL = 1e-6
+
+
+def newton_steps(relative_tolerance, n):
+    """The Newton–Schulz steps after which every covariance with λ_min > t·λ_max has converged.
+
+    On an eigenvector of Σ the iteration maps the eigenvalue p of ZY to p(3 − p)²/4; p starts at
+    λ/tr(Σ) ≥ t/n for the smallest eigenvalue the rule accepts, grows by 9/4 a step while small and
+    then converges quadratically. The count is that scalar recursion's, from t/n to 1 − 1e-15.
     """
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    if cov.ndim < 2 or cov.shape[-1] != cov.shape[-2]:
-        raise ValueError(f"cov must be (..., n, n), got shape {tuple(cov.shape)}")
-    tolerance = cov.shape[-1] * torch.finfo(cov.dtype).eps
-    return _whitening_matrix(cov.double(), method, tolerance).to(cov.dtype)
+    p, steps = relative_tolerance / n, 0
+    while p < 1 - 1e-15:
+        p, steps = p * (3 - p) ** 2 / 4, steps + 1
+    return steps
 
 
-def _whitening_matrix(cov, method, relative_tolerance):
-    # Only the symmetric part is a covariance; taking it makes the gradient the symmetric one.
-    cov = (cov + cov.mT) / 2
-    if method == "zca":
-        return _InverseSqrt.apply(cov, *_checked_eigh(cov, relative_tolerance))
-    if method == "pca":
-        # Autograd through eigh: PCA's output depends on the eigenvectors themselves.
-        _refuse_non_finite(cov)
-        eigenvalues, U = torch.linalg.eigh(cov)
-        _refuse_singular(eigenvalues[..., 0].detach(), eigenvalues[..., -1].detach(), relative_tolerance)
-        eigenvalues, U = eigenvalues.flip(-1), U.flip(-1)
-        return U.mT / eigenvalues.sqrt().unsqueeze(-1)
-    _refuse_non_finite(cov)
+def _zca_newton(cov, relative_tolerance):
+    """ZCA by the coupled Newton–Schulz iteration: Y → (Σ/n)^(1/2), Z → (Σ/n)^(-1/2), W = Z/√n.
+
+    Y₀ = Σ/n (eigenvalues in (0, 1]: Σ has mean diagonal 1), Z₀ = I, T = (3I − ZY)/2, Y ← YT,
+    Z ← TZ. Only matrix products: no host synchronisation, so it compiles and runs in a CUDA graph.
+    With newton_steps(t, n) steps W agrees with the eigendecomposition's to float64 rounding for
+    every covariance the rule accepts, and so does its gradient, taken by autograd through the
+    steps: the steps are polynomials in Σ, smooth where eigenvalues repeat. A covariance whose
+    iteration has not converged (max |ZY − I| > NEWTON_RESIDUAL) is flagged singular: that can only
+    be one beyond the rule, so this solver refuses no covariance that the eigendecomposition accepts.
+    """
+    n = cov.shape[-1]
+    eye = torch.eye(n, dtype=cov.dtype, device=cov.device)
+    Y, Z = cov / n, eye.expand_as(cov)
+    for _ in range(newton_steps(relative_tolerance, n)):
+        T = (3 * eye - Z @ Y) / 2
+        Y, Z = Y @ T, T @ Z
+    residual = (Z @ Y - eye).detach().abs().amax((-2, -1))
+    return Z / math.sqrt(n), ~(residual <= NEWTON_RESIDUAL)
+
+
+def _cholesky(cov, relative_tolerance):
+    """W = L⁻¹ with Σ = LLᵀ; the squared pivots play the eigenvalues' part in the rule."""
     L, info = torch.linalg.cholesky_ex(cov)
-    # The squared pivots of the factorisation play the eigenvalues' part; info > 0: not positive definite.
-    pivots = L.diagonal(dim1=-2, dim2=-1) ** 2
-    smallest = torch.where(info > 0, 0.0, pivots.amin(-1))
-    _refuse_singular(smallest, cov.diagonal(dim1=-2, dim2=-1).amax(-1), relative_tolerance)
+    pivots = L.detach().diagonal(dim1=-2, dim2=-1) ** 2
+    largest = cov.detach().diagonal(dim1=-2, dim2=-1).amax(-1)
+    singular = (info > 0) | (pivots.amin(-1) <= relative_tolerance * largest)
     eye = torch.eye(cov.shape[-1], dtype=cov.dtype, device=cov.device).expand_as(cov)
-    return torch.linalg.solve_triangular(L, eye, upper=False)
+    return torch.linalg.solve_triangular(L, eye, upper=False), singular
+
+
+def _pca(cov, relative_tolerance):
+    """W = Λ^(-1/2)Uᵀ, eigenvalues in descending order; autograd through eigh, since PCA's output
+    depends on the eigenvectors themselves (and on their signs, which is why it fails as a loss)."""
+    eigenvalues, U = torch.linalg.eigh(cov)
+    eigenvalues, U = eigenvalues.flip(-1), U.flip(-1)
+    ascending = eigenvalues.detach().flip(-1)
+    singular = ascending[..., 0] <= relative_tolerance * ascending[..., -1]
+    return U.mT / eigenvalues.sqrt().unsqueeze(-1), singular, ascending
+
+
+def _whitened(cov, x, method, solver, relative_tolerance):
+    """W x for float64 covariances (..., n, n) and x (..., n, k) (x = I: W itself), and the
+    failures for _refuse_or_poison."""
+    cov = (cov + cov.mT) / 2  # only the symmetric part is a covariance; its gradient is symmetric
+    eye = torch.eye(cov.shape[-1], dtype=cov.dtype, device=cov.device)
+    # W(αΣ) = W(Σ)/√α for all three methods: decomposing Σ/τ (τ its mean diagonal, detached, which
+    # by that identity changes neither W nor its gradient) keeps every eigenvalue near 1 and the
+    # backward's 1/s³ within float64's range at any scale. Non-finite and zero covariances are
+    # swapped for I, so no decomposition can fail; they are refused (or NaN) below.
+    tau = cov.detach().diagonal(dim1=-2, dim2=-1).mean(-1)
+    non_finite = ~torch.isfinite(cov.detach()).all(-1).all(-1) | ~torch.isfinite(tau)
+    not_positive = ~non_finite & ~(tau > 0)
+    swap = non_finite | not_positive
+    tau = torch.where(swap, 1.0, tau)[..., None, None]
+    cov = torch.where(swap[..., None, None], eye, cov / tau)
+    ties = None
+    if method == "zca" and solver == "eigh":
+        out, singular = _zca_eigh(cov, x, relative_tolerance)
+        W = None
+    elif method == "zca":
+        W, singular = _zca_newton(cov, relative_tolerance)
+    elif method == "cholesky":
+        W, singular = _cholesky(cov, relative_tolerance)
+    else:
+        W, singular, ascending = _pca(cov, relative_tolerance)
+        if cov.requires_grad and cov.shape[-1] > 1:
+            ties = ascending.diff(dim=-1).amin(-1) <= relative_tolerance * ascending[..., -1]
+    failures = [(non_finite, NON_FINITE), (singular | not_positive, SINGULAR)]
+    if ties is not None:
+        failures.append((ties & ~singular, PCA_TIES))
+    if W is not None:
+        out = W.to(x.dtype) @ x
+    return out / tau.sqrt().to(x.dtype), failures
 
 
 # ----------------------------------------------------------------------------------------------
-# Batch and channel whitening of grouped channels
+# Arguments: every public entry point refuses what it cannot use, naming the argument
 
-def _compute_dtype(z):
-    # Decompositions have no half-precision kernels and lose the whitening in fp16/bf16 anyway.
-    return z.dtype if z.dtype in (torch.float32, torch.float64) else torch.float32
+def _positive_int(value, name):
+    try:
+        value = operator.index(value)
+    except TypeError:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}") from None
+    if value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return value
 
 
-def _check_whitenable(axis, method, b, d, groups, eps):
-    """The shape rules; b is the number of samples whitened together (the sub-batch)."""
-    if axis not in AXES:
-        raise ValueError(f"axis must be 'channel' or 'batch', got {axis!r}")
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    if not isinstance(groups, int) or groups < 1 or d % groups:
+def _check_eps(eps):
+    try:
+        eps = float(eps)
+    except (TypeError, ValueError):
+        raise ValueError(f"eps must be a number in [0, 1), got {eps!r}") from None
+    if not 0 <= eps < 1:  # NaN fails too
+        raise ValueError(f"eps must be in [0, 1): the shrinkage Σ ← (1−eps)Σ + eps·I needs eps ≥ 0 to "
+                         f"stay a covariance and eps < 1 to keep any of Σ, got {eps!r}")
+    return eps
+
+
+def _check_choice(value, name, choices):
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+    return value
+
+
+def _resolve_solver(solver, device):
+    """ZCA's solver: "auto" is Newton–Schulz on CUDA (no host sync) and eigh elsewhere."""
+    _check_choice(solver, "solver", SOLVERS)
+    if solver == "auto":
+        return "newton" if device.type == "cuda" else "eigh"
+    return solver
+
+
+def _check_embedding(z):
+    if not isinstance(z, torch.Tensor) or z.ndim != 2:
+        raise ValueError(f"expected a (b, d) embedding tensor, got {getattr(z, 'shape', type(z).__name__)}")
+    if z.is_complex() or z.dtype == torch.bool:
+        raise ValueError(f"the embedding must be real (a floating or integer tensor), got {z.dtype}")
+    if z.numel() == 0:
+        raise ValueError(f"the embedding is empty: got shape {tuple(z.shape)}, need b ≥ 1 samples and d ≥ 1 channels")
+
+
+def _check_sub_batch(sub_batch, b):
+    sub_batch = b if sub_batch is None else _positive_int(sub_batch, "sub_batch")
+    if b % sub_batch:
+        raise ValueError(f"batch of {b} cannot be split into sub-batches of {sub_batch}: pass a sub_batch "
+                         f"that divides {b}, or sub_batch=None for the whole batch")
+    return sub_batch
+
+
+def _check_groups(groups, d):
+    groups = _positive_int(groups, "groups")
+    if d % groups:
         raise ValueError(f"groups={groups!r} must be a positive divisor of the d={d} channels")
-    c = d // groups
+    return groups
+
+
+def _check_whitenable(axis, b, c, groups, eps):
+    """The shape rules; b is the number of samples whitened together (the sub-batch)."""
     if axis == "batch":
         if b < 2:
             raise ValueError(f"batch whitening needs at least 2 samples to estimate a covariance, got {b}")
@@ -234,7 +320,78 @@ def _check_whitenable(axis, method, b, d, groups, eps):
             )
 
 
-def _whiten(z, axis, groups, method, eps, perm):
+def _check_permutation(perm, shape, name):
+    """perm: an integer tensor of the given shape whose last axis holds permutations of range(shape[-1])."""
+    if not isinstance(perm, torch.Tensor) or perm.is_floating_point() or perm.is_complex() or perm.dtype == torch.bool:
+        raise ValueError(f"{name} must be an integer tensor of permutations, got {getattr(perm, 'dtype', type(perm))}")
+    if tuple(perm.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(perm.shape)}")
+    if _host_reads_allowed():
+        identity = torch.arange(shape[-1], device=perm.device).expand(shape)
+        if not torch.equal(perm.sort(-1).values, identity):
+            raise ValueError(f"{name} must hold permutations of range({shape[-1]}) along its last axis")
+
+
+# ----------------------------------------------------------------------------------------------
+# Batch and channel whitening of grouped channels
+
+def whitening_matrix(cov, method="zca", solver="auto"):
+    """(..., n, n) symmetric positive-definite covariances -> (..., n, n) W with W cov Wᵀ = I.
+
+    method "zca": W = Σ^(-1/2), the symmetric choice, by `solver` "eigh" or "newton" (exact both;
+    "auto": newton on CUDA); "cholesky": W = L⁻¹ with Σ = LLᵀ (lower triangular); "pca":
+    W = Λ^(-1/2)Uᵀ, eigenvalues in descending order. Computed in float64, returned in cov's dtype
+    (float64 for integer covariances). Refused with ValueError: a covariance that is not finite, not
+    symmetric beyond rounding, or numerically singular (λ_min ≤ n·eps·λ_max in cov's dtype).
+    """
+    _check_choice(method, "method", METHODS)
+    if not isinstance(cov, torch.Tensor) or cov.ndim < 2 or cov.shape[-1] != cov.shape[-2] or cov.shape[-1] == 0:
+        raise ValueError(f"cov must be (..., n, n) with n ≥ 1, got shape {tuple(getattr(cov, 'shape', ()))}")
+    if cov.is_complex() or cov.dtype == torch.bool:
+        raise ValueError(f"cov must be real, got {cov.dtype}")
+    dtype = cov.dtype if cov.is_floating_point() else torch.float64
+    work = cov.double()
+    size = work.detach().abs().amax((-2, -1))
+    asymmetric = (work.detach() - work.detach().mT).abs().amax((-2, -1)) > math.sqrt(torch.finfo(dtype).eps) * size
+    eye = torch.eye(cov.shape[-1], dtype=work.dtype, device=work.device).expand_as(work)
+    W, failures = _whitened(work, eye, method, _resolve_solver(solver, cov.device),
+                            cov.shape[-1] * torch.finfo(dtype).eps)
+    failures.insert(1, (asymmetric, ASYMMETRIC))
+    return _refuse_or_poison(W, failures).to(dtype)
+
+
+def _compute_dtype(z):
+    # Decompositions have no half-precision kernels and lose the whitening in fp16/bf16 anyway.
+    return z.dtype if z.dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def _covariance(x, eps):
+    """Σ = x xᵀ/(k−1) of the rows of x (..., n, k), shrunk as Σ ← (1−ε)Σ + εI, in float64.
+
+    Training covariances reach condition numbers of 4e4 (docs/conditioning.py), where float32
+    rounding of Σ (n·eps of λ_max) would be a third of λ_min; in float64 λ_min keeps its digits,
+    and only these small n×n matrices pay for the precision.
+    """
+    x = x.double()
+    cov = einsum(x, x, "... n k, ... n2 k -> ... n n2") / (x.shape[-1] - 1)
+    if eps:
+        cov = (1 - eps) * cov + eps * torch.eye(cov.shape[-1], dtype=cov.dtype, device=cov.device)
+    return cov
+
+
+def _whiten_rows(x, method, solver, eps):
+    """W x for the rows of x (..., n, k), W from their covariance."""
+    if not eps:
+        # Without shrinkage whitening is scale-invariant, so scaling each matrix to max |x| = 1
+        # changes nothing but keeps Σ within float64's range; detached, since the output (and so,
+        # exactly, its gradient) does not depend on the scale.
+        scale = x.detach().abs().amax((-2, -1), keepdim=True)
+        x = x / torch.where(scale > 0, scale, 1.0)
+    out, failures = _whitened(_covariance(x, eps), x, method, solver, _data_tolerance(x))
+    return _refuse_or_poison(out, failures)
+
+
+def _whiten(z, axis, groups, method, solver, eps, perm):
     """z (..., b, d), perm (..., d) or None -> whitened (..., b, d) in z's channel order.
 
     Both whiten the rows of a matrix x: CW the b samples of a group over its c channels, BW the
@@ -250,45 +407,40 @@ def _whiten(z, axis, groups, method, eps, perm):
         z = z - z.mean(-2, keepdim=True)  # one mean per channel, over the b samples
         rows = "g c b"
     x = rearrange(z, f"... b (g c) -> ... {rows}", g=groups)
-    if method == "zca":
-        white = _ZCAWhitenRows.apply(x, eps)
-    else:
-        W = _whitening_matrix(_covariance(x, eps), method, _data_tolerance(x))
-        white = W.to(x.dtype) @ x
-    out = rearrange(white, f"... {rows} -> ... b (g c)")
+    out = rearrange(_whiten_rows(x, method, solver, eps), f"... {rows} -> ... b (g c)")
     if perm is not None:
         # scatter puts channel k back at perm[k]; its backward is a gather, cheaper than scatter_add
         out = torch.empty_like(out).scatter(-1, perm.unsqueeze(-2).expand_as(out), out)
     return out
 
 
-def _whiten_one(z, axis, groups, method, eps, perm):
-    if z.ndim != 2:
-        raise ValueError(f"expected a (b, d) embedding, got shape {tuple(z.shape)}")
+def _whiten_one(z, axis, groups, method, solver, eps, perm):
+    _check_embedding(z)
+    _check_choice(method, "method", METHODS)
     b, d = z.shape
-    _check_whitenable(axis, method, b, d, groups, eps)
-    if perm is not None and (
-        perm.shape != (d,) or not torch.equal(perm.sort().values, torch.arange(d, device=perm.device))
-    ):
-        raise ValueError(f"perm must be a permutation of range({d}), got shape {tuple(perm.shape)}")
+    groups, eps = _check_groups(groups, d), _check_eps(eps)
+    _check_whitenable(axis, b, d // groups, groups, eps)
+    if perm is not None:
+        _check_permutation(perm, (d,), "perm")
     with torch.autocast(z.device.type, enabled=False):
-        return _whiten(z.to(_compute_dtype(z)), axis, groups, method, eps, perm)
+        return _whiten(z.to(_compute_dtype(z)), axis, groups, method, _resolve_solver(solver, z.device), eps, perm)
 
 
-def batch_whiten(z, groups=1, method="zca", eps=0.0, perm=None):
+def batch_whiten(z, groups=1, method="zca", eps=0.0, perm=None, solver="auto"):
     """(b, d) -> (b, d): each group of channels has Ẑᵀ Ẑ/(b−1) = I_c afterwards.
 
     perm: a (d,) permutation of the channels that sets the groups (group k is the channels
     perm[k·c:(k+1)·c]); None keeps the channels in order. The output is in the input's channel order.
-    Half-precision inputs are whitened and returned in float32.
+    Half-precision and integer inputs are whitened and returned in float32. solver: ZCA's, as in
+    whitening_matrix.
     """
-    return _whiten_one(z, "batch", groups, method, eps, perm)
+    return _whiten_one(z, "batch", groups, method, solver, eps, perm)
 
 
-def channel_whiten(z, groups=1, method="zca", eps=0.0, perm=None):
+def channel_whiten(z, groups=1, method="zca", eps=0.0, perm=None, solver="auto"):
     """(b, d) -> (b, d): within each group of channels the samples become orthogonal,
     Ẑ Ẑᵀ/(c−1) = I_b. Arguments as batch_whiten."""
-    return _whiten_one(z, "channel", groups, method, eps, perm)
+    return _whiten_one(z, "channel", groups, method, solver, eps, perm)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -300,29 +452,31 @@ def random_group_partition(views, batch, dim, groups, sub_batch=None, iters=1, g
     Returns (samples, channels):
       samples  (i, b) long: an order of the batch per repetition; consecutive runs of sub_batch
                form the sub-batches, shared by all views.
-      channels (i, v, n, d) long: a channel permutation for every repetition, view and sub-batch;
+      channels (i, v, s, d) long: a channel permutation for every repetition, view and sub-batch;
                consecutive runs of c = d/groups channels form the groups. With groups=1 it is the
                identity, as W-MSE (and Cholesky whitening is not permutation-invariant).
     Drawn from `generator` (on its device) or the default generator of `device`.
     """
-    sub_batch = sub_batch or batch
-    n = batch // sub_batch
+    views, batch, dim = (_positive_int(v, name) for v, name in ((views, "views"), (batch, "batch"), (dim, "dim")))
+    groups, iters = _check_groups(groups, dim), _positive_int(iters, "iters")
+    sub_batch = _check_sub_batch(sub_batch, batch)
     draw_device = generator.device if generator is not None else device
     if sub_batch == batch:
         samples = torch.arange(batch, device=draw_device).expand(iters, batch)
     else:
         samples = torch.rand(iters, batch, generator=generator, device=draw_device).argsort(-1)
     if groups == 1:
-        channels = torch.arange(dim, device=draw_device).expand(iters, views, n, dim)
+        channels = torch.arange(dim, device=draw_device).expand(iters, views, batch // sub_batch, dim)
     else:
-        # argsort of iid uniforms is a uniformly random permutation, drawn for all (i, v, n) at once
-        keys = torch.rand(iters, views, n, dim, generator=generator, device=draw_device, dtype=torch.float64)
+        # argsort of iid uniforms is a uniformly random permutation, drawn for all (i, v, s) at once
+        keys = torch.rand(iters, views, batch // sub_batch, dim, generator=generator, device=draw_device,
+                          dtype=torch.float64)
         channels = keys.argsort(-1)
     return samples.to(device), channels.to(device)
 
 
 def whitening_loss(*views, axis="channel", groups=4, sub_batch=None, iters=1, method="zca", eps=0.0,
-                   normalize=True, generator=None):
+                   normalize=True, generator=None, partition=None, solver="auto"):
     """The whitening loss between V ≥ 2 views, each (b, d) -> scalar.
 
     For each of `iters` repetitions: one random split of the batch into sub-batches of `sub_batch`
@@ -331,33 +485,43 @@ def whitening_loss(*views, axis="channel", groups=4, sub_batch=None, iters=1, me
     then the mean over rows of ‖ẑ_v − ẑ_w‖², averaged over the V(V−1)/2 pairs and the repetitions.
     normalize=True L2-normalises the whitened rows first, making each term 2 − 2·cos. Gradients
     flow through the whitening. The result is float32 for half-precision inputs or under autocast.
+
+    The partition is drawn from `generator`, or given as `partition`, the (samples, channels) of
+    random_group_partition. Given one, the loss is a pure tensor function: it compiles with
+    torch.compile(fullgraph=True) and, with solver "newton" ("auto" on CUDA), runs inside a CUDA
+    graph. Eager calls refuse non-finite or singular whitening with ValueError; compiled or captured
+    ones, which cannot look, return NaN for it.
     """
     if len(views) < 2:
         raise ValueError(f"the loss needs at least two views, got {len(views)}")
+    for v in views:
+        _check_embedding(v)
     shapes = {tuple(v.shape) for v in views}
     if len(shapes) > 1:
         raise ValueError(f"all views must have the same (b, d) shape, got {sorted(shapes)}")
-    if views[0].ndim != 2:
-        raise ValueError(f"each view must be a (b, d) embedding, got shape {tuple(views[0].shape)}")
+    _check_choice(axis, "axis", AXES)
+    _check_choice(method, "method", METHODS)
     b, d = views[0].shape
-    sub_batch = sub_batch or b
-    if b % sub_batch:
-        raise ValueError(
-            f"batch of {b} cannot be split into sub-batches of {sub_batch}: pass a sub_batch that "
-            f"divides {b}, or sub_batch=None for the whole batch"
-        )
-    _check_whitenable(axis, method, sub_batch, d, groups, eps)
-    if not isinstance(iters, int) or iters < 1:
-        raise ValueError(f"iters must be a positive integer, got {iters!r}")
+    sub_batch, groups = _check_sub_batch(sub_batch, b), _check_groups(groups, d)
+    iters, eps = _positive_int(iters, "iters"), _check_eps(eps)
+    _check_whitenable(axis, sub_batch, d // groups, groups, eps)
     z = torch.stack(views)
-    samples, channels = random_group_partition(len(views), b, d, groups, sub_batch, iters, generator, z.device)
+    solver = _resolve_solver(solver, z.device)
+    if partition is None:
+        samples, channels = random_group_partition(len(views), b, d, groups, sub_batch, iters, generator, z.device)
+    elif generator is not None:
+        raise ValueError("pass either a generator to draw the partition or a partition, not both")
+    else:
+        samples, channels = partition
+        _check_permutation(samples, (iters, b), "partition's samples")
+        _check_permutation(channels, (iters, len(views), b // sub_batch, d), "partition's channels")
     with torch.autocast(z.device.type, enabled=False):
         z = z.to(_compute_dtype(z))
         # index_select, not z[:, samples]: its backward is a row copy rather than an index_put
         shuffled = z.index_select(1, samples.flatten())
-        grouped = rearrange(shuffled, "v (i n b) d -> i v n b d", i=iters, b=sub_batch)
+        grouped = rearrange(shuffled, "v (i s b) d -> i v s b d", i=iters, b=sub_batch)
         # Φ(Z) for all repetitions, views and sub-batches at once: one batched decomposition
-        white = _whiten(grouped, axis, groups, method, eps, None if groups == 1 else channels)
+        white = _whiten(grouped, axis, groups, method, solver, eps, None if groups == 1 else channels)
         if normalize:
             white = F.normalize(white, dim=-1)
         first, second = torch.triu_indices(len(views), len(views), 1, device=z.device)
@@ -376,14 +540,22 @@ def w_mse_loss(*views, **kw):
 
 
 class CWRGPLoss(nn.Module):
-    """Drop-in module: CWRGPLoss(groups=4, sub_batch=64, ...)(z1, z2, ...) -> scalar."""
+    """Drop-in module: CWRGPLoss(groups=4, sub_batch=64, ..., generator=None)(z1, z2, ...) -> scalar.
 
-    def __init__(self, **kw):
+    A generator given here draws every call's partition unless the call passes its own generator
+    or partition."""
+
+    def __init__(self, generator=None, **kw):
         super().__init__()
-        self.kw = kw
+        unknown = set(kw) - set(whitening_loss.__kwdefaults__) | ({"partition"} & set(kw))
+        if unknown:
+            raise ValueError(f"CWRGPLoss got unknown or per-call arguments {sorted(unknown)}")
+        self.generator, self.kw = generator, kw
 
-    def forward(self, *views, generator=None):
-        return cw_rgp_loss(*views, generator=generator, **self.kw)
+    def forward(self, *views, generator=None, partition=None):
+        if generator is None and partition is None:
+            generator = self.generator
+        return cw_rgp_loss(*views, generator=generator, partition=partition, **self.kw)
 
     def extra_repr(self):
         return ", ".join(f"{k}={v!r}" for k, v in self.kw.items())
@@ -391,10 +563,18 @@ class CWRGPLoss(nn.Module):
 
 def stable_rank(z):
     """‖Z̄‖²_F / ‖Z̄‖²₂ of the channel-centred (b, d) embedding: the paper's indicator of
-    dimensional collapse, between 1 (collapsed to a line) and min(b − 1, d). Divide by d to
-    normalise."""
-    if z.ndim != 2:
-        raise ValueError(f"expected a (b, d) embedding, got shape {tuple(z.shape)}")
-    z = z.detach().to(_compute_dtype(z))
-    singular_values = torch.linalg.svdvals(z - z.mean(0))
+    dimensional collapse, between 1 (collapsed to a line) and min(b − 1, d), and 0 when every row
+    is the same (collapsed to a point). Divide by d to normalise. Needs b ≥ 2 and finite values."""
+    _check_embedding(z)
+    if z.shape[0] < 2:
+        raise ValueError(f"the stable rank needs at least 2 samples to centre, got {z.shape[0]}")
+    z = z.detach().double()
+    z = z - z.mean(0)
+    # scale-invariant: scaling to max |Z̄| = 1 keeps the squares within range at any scale
+    size = z.abs().amax()
+    if not bool(torch.isfinite(size)):
+        raise ValueError("the embedding contains NaN or Inf: its stable rank is undefined")
+    if size == 0:
+        return torch.zeros((), dtype=z.dtype, device=z.device)
+    singular_values = torch.linalg.svdvals(z / size)
     return singular_values.pow(2).sum() / singular_values[0].pow(2)
