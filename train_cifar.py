@@ -17,8 +17,8 @@ epoch's evaluation, the checkpoint and the learning rate as named functions.
 The images stay on the device as uint8 and all views of a batch are made there in one batched call,
 so no DataLoader runs in the hot loop. Everything random in a step (data order, augmentation, group
 partitions) is drawn from the run's generator outside the step and passed in as tensors: the step
-itself is a pure tensor function, which is what --compile compiles and what makes --resume continue
-a run exactly. Two departures from torchvision's augmentations, for batching: colour jitter applies
+itself is a pure tensor function, which is what --compile compiles (off by default: not yet verified
+on a GPU) and what makes --resume continue a run exactly. Two departures from torchvision's augmentations, for batching: colour jitter applies
 its four parts in a fixed order (brightness, contrast, saturation, hue), and the hue shift is a
 rotation of the chroma plane in YIQ space rather than a shift of H in HSV.
 
@@ -332,9 +332,15 @@ def forward_loss(model, x, noise, partition, args):
 def compile_step(args, device):
     if not args.compile:
         return forward_loss
-    # CUDA graphs (reduce-overhead) replay the step without a launch per kernel; the CPU has no graphs.
-    mode = "reduce-overhead" if device.type == "cuda" and args.compile_backend == "inductor" else None
-    return torch.compile(forward_loss, backend=args.compile_backend, mode=mode)
+    if device.type != "cuda" or args.compile_backend != "inductor":
+        return torch.compile(forward_loss, backend=args.compile_backend)
+    # CUDA graphs (mode reduce-overhead) replay the step without a launch per kernel.
+    graphed = torch.compile(forward_loss, backend="inductor", mode="reduce-overhead")
+
+    def forward(*inputs):
+        torch.compiler.cudagraph_mark_step_begin()  # the last step's graph outputs are done with
+        return graphed(*inputs)
+    return forward
 
 
 def train_step(forward, model, opt, x, lr, gen, args):
