@@ -249,6 +249,8 @@ def _positive_int(value, name):
 
 def _check_eps(eps):
     try:
+        if isinstance(eps, (str, bytes)):
+            raise TypeError
         eps = float(eps)
     except (TypeError, ValueError):
         raise ValueError(f"eps must be a number in [0, 1), got {eps!r}") from None
