@@ -137,7 +137,7 @@ def _zca_eigh(cov, x, relative_tolerance):
     """Σ^(-1/2) x by eigendecomposition: exact to float64 rounding (about cond(Σ)·eps₆₄ relative)."""
     eigenvalues, U = torch.linalg.eigh(cov.detach())
     singular = eigenvalues[..., 0] <= relative_tolerance * eigenvalues[..., -1]
-    return _InverseSqrtTimes.apply(cov, x, eigenvalues, U), singular
+    return _InverseSqrtTimes.apply(cov, x, eigenvalues, U), [(singular, SINGULAR)]
 
 
 # A converged iteration has ZY = I to float64 rounding (below 1e-9 at cond 1e15, n up to 512); one
@@ -158,7 +158,7 @@ def newton_steps(relative_tolerance, n):
     return steps
 
 
-def _zca_newton(cov, relative_tolerance):
+def _zca_newton(cov, x, relative_tolerance):
     """ZCA by the coupled Newton–Schulz iteration: Y → (Σ/n)^(1/2), Z → (Σ/n)^(-1/2), W = Z/√n.
 
     Y₀ = Σ/n (eigenvalues in (0, 1]: Σ has mean diagonal 1), Z₀ = I, T = (3I − ZY)/2, Y ← YT,
@@ -175,62 +175,51 @@ def _zca_newton(cov, relative_tolerance):
     for _ in range(newton_steps(relative_tolerance, n)):
         T = (3 * eye - Z @ Y) / 2
         Y, Z = Y @ T, T @ Z
-    residual = (Z @ Y - eye).detach().abs().amax((-2, -1))
-    return Z / math.sqrt(n), ~(residual <= NEWTON_RESIDUAL)
+    unconverged = ~((Z @ Y - eye).detach().abs().amax((-2, -1)) <= NEWTON_RESIDUAL)
+    return (Z / math.sqrt(n)).to(x.dtype) @ x, [(unconverged, SINGULAR)]
 
 
-def _cholesky(cov, relative_tolerance):
+def _cholesky(cov, x, relative_tolerance):
     """W = L⁻¹ with Σ = LLᵀ; the squared pivots play the eigenvalues' part in the rule."""
     L, info = torch.linalg.cholesky_ex(cov)
     pivots = L.detach().diagonal(dim1=-2, dim2=-1) ** 2
-    largest = cov.detach().diagonal(dim1=-2, dim2=-1).amax(-1)
-    singular = (info > 0) | (pivots.amin(-1) <= relative_tolerance * largest)
-    eye = torch.eye(cov.shape[-1], dtype=cov.dtype, device=cov.device).expand_as(cov)
-    return torch.linalg.solve_triangular(L, eye, upper=False), singular
+    singular = (info > 0) | (pivots.amin(-1) <= relative_tolerance * cov.detach().diagonal(dim1=-2, dim2=-1).amax(-1))
+    return torch.linalg.solve_triangular(L, x.to(L.dtype), upper=False).to(x.dtype), [(singular, SINGULAR)]
 
 
-def _pca(cov, relative_tolerance):
+def _pca(cov, x, relative_tolerance):
     """W = Λ^(-1/2)Uᵀ, eigenvalues in descending order; autograd through eigh, since PCA's output
-    depends on the eigenvectors themselves (and on their signs, which is why it fails as a loss)."""
+    depends on the eigenvectors themselves (and on their signs, which is why it fails as a loss).
+    Where two eigenvalues coincide that gradient does not exist: refused when one is needed."""
     eigenvalues, U = torch.linalg.eigh(cov)
-    eigenvalues, U = eigenvalues.flip(-1), U.flip(-1)
-    ascending = eigenvalues.detach().flip(-1)
-    singular = ascending[..., 0] <= relative_tolerance * ascending[..., -1]
-    return U.mT / eigenvalues.sqrt().unsqueeze(-1), singular, ascending
+    ascending = eigenvalues.detach()
+    failures = [(ascending[..., 0] <= relative_tolerance * ascending[..., -1], SINGULAR)]
+    if cov.requires_grad and cov.shape[-1] > 1:
+        failures.append((ascending.diff(dim=-1).amin(-1) <= relative_tolerance * ascending[..., -1], PCA_TIES))
+    W = U.flip(-1).mT / eigenvalues.flip(-1).sqrt().unsqueeze(-1)
+    return W.to(x.dtype) @ x, failures
+
+
+DECOMPOSITIONS = {("zca", "eigh"): _zca_eigh, ("zca", "newton"): _zca_newton,
+                  ("cholesky", None): _cholesky, ("pca", None): _pca}
 
 
 def _whitened(cov, x, method, solver, relative_tolerance):
     """W x for float64 covariances (..., n, n) and x (..., n, k) (x = I: W itself), and the
     failures for _refuse_or_poison."""
     cov = (cov + cov.mT) / 2  # only the symmetric part is a covariance; its gradient is symmetric
-    eye = torch.eye(cov.shape[-1], dtype=cov.dtype, device=cov.device)
     # W(αΣ) = W(Σ)/√α for all three methods: decomposing Σ/τ (τ its mean diagonal, detached, which
     # by that identity changes neither W nor its gradient) keeps every eigenvalue near 1 and the
     # backward's 1/s³ within float64's range at any scale. Non-finite and zero covariances are
-    # swapped for I, so no decomposition can fail; they are refused (or NaN) below.
+    # swapped for I, so no decomposition can fail; they are refused (or NaN) with the rest.
     tau = cov.detach().diagonal(dim1=-2, dim2=-1).mean(-1)
     non_finite = ~torch.isfinite(cov.detach()).all(-1).all(-1) | ~torch.isfinite(tau)
     not_positive = ~non_finite & ~(tau > 0)
     swap = non_finite | not_positive
     tau = torch.where(swap, 1.0, tau)[..., None, None]
-    cov = torch.where(swap[..., None, None], eye, cov / tau)
-    ties = None
-    if method == "zca" and solver == "eigh":
-        out, singular = _zca_eigh(cov, x, relative_tolerance)
-        W = None
-    elif method == "zca":
-        W, singular = _zca_newton(cov, relative_tolerance)
-    elif method == "cholesky":
-        W, singular = _cholesky(cov, relative_tolerance)
-    else:
-        W, singular, ascending = _pca(cov, relative_tolerance)
-        if cov.requires_grad and cov.shape[-1] > 1:
-            ties = ascending.diff(dim=-1).amin(-1) <= relative_tolerance * ascending[..., -1]
-    failures = [(non_finite, NON_FINITE), (singular | not_positive, SINGULAR)]
-    if ties is not None:
-        failures.append((ties & ~singular, PCA_TIES))
-    if W is not None:
-        out = W.to(x.dtype) @ x
+    cov = torch.where(swap[..., None, None], torch.eye(cov.shape[-1], dtype=cov.dtype, device=cov.device), cov / tau)
+    out, failures = DECOMPOSITIONS[method, solver if method == "zca" else None](cov, x, relative_tolerance)
+    failures = [(non_finite, NON_FINITE), (not_positive, SINGULAR)] + failures
     return out / tau.sqrt().to(x.dtype), failures
 
 
