@@ -54,7 +54,7 @@ def _host_reads_allowed():
     """False while torch.compile traces or a CUDA graph is captured: nothing may then be read back."""
     if torch.compiler.is_compiling():
         return False
-    return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+    return not (torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing())
 
 
 def _refuse_or_poison(out, failures):
@@ -86,9 +86,8 @@ def _data_tolerance(x):
 
 
 # ----------------------------------------------------------------------------------------------
-# Whitening matrices of float64 covariances Σ (..., n, n) scaled to mean diagonal 1: each returns
-# W (or, for ZCA by eigh, W x directly) and the flags of the matrices whose λ_min ≤ t·λ_max, t the
-# relative tolerance
+# Whitening by each method: float64 covariances Σ (..., n, n), scaled to mean diagonal 1, and x
+# (..., n, k) -> W x and the failures, among them the matrices with λ_min ≤ t·λ_max (t: relative tolerance)
 
 def _divided_differences(s):
     """K_ij = (f(λ_i) − f(λ_j)) / (λ_i − λ_j) for f(λ) = λ^(-1/2), s = √λ, in closed form.
@@ -227,26 +226,17 @@ def _whitened(cov, x, method, solver, relative_tolerance):
 # Arguments: every public entry point refuses what it cannot use, naming the argument
 
 def _positive_int(value, name):
-    try:
-        value = operator.index(value)
-    except TypeError:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}") from None
-    if value < 1:
+    index = getattr(type(value), "__index__", None)  # ints and numpy integers; not 8.0, not "8"
+    if index is None or index(value) < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return value
+    return index(value)
 
 
 def _check_eps(eps):
-    try:
-        if isinstance(eps, (str, bytes)):
-            raise TypeError
-        eps = float(eps)
-    except (TypeError, ValueError):
-        raise ValueError(f"eps must be a number in [0, 1), got {eps!r}") from None
-    if not 0 <= eps < 1:  # NaN fails too
-        raise ValueError(f"eps must be in [0, 1): the shrinkage Σ ← (1−eps)Σ + eps·I needs eps ≥ 0 to "
-                         f"stay a covariance and eps < 1 to keep any of Σ, got {eps!r}")
-    return eps
+    if isinstance(eps, (str, bytes)) or not hasattr(eps, "__float__") or not 0 <= float(eps) < 1:
+        raise ValueError(f"eps must be a number in [0, 1): Σ ← (1−eps)Σ + eps·I is no covariance below 0 "
+                         f"and is I at 1, got {eps!r}")
+    return float(eps)
 
 
 def _check_choice(value, name, choices):
@@ -257,8 +247,7 @@ def _check_choice(value, name, choices):
 
 def _resolve_solver(solver, device):
     """ZCA's solver: "auto" is Newton–Schulz on CUDA (no host sync) and eigh elsewhere."""
-    _check_choice(solver, "solver", SOLVERS)
-    if solver == "auto":
+    if _check_choice(solver, "solver", SOLVERS) == "auto":
         return "newton" if device.type == "cuda" else "eigh"
     return solver
 
@@ -289,26 +278,18 @@ def _check_groups(groups, d):
 
 def _check_whitenable(axis, b, c, groups, eps):
     """The shape rules; b is the number of samples whitened together (the sub-batch)."""
-    if axis == "batch":
-        if b < 2:
-            raise ValueError(f"batch whitening needs at least 2 samples to estimate a covariance, got {b}")
-        if eps == 0 and b <= c:
-            raise ValueError(
-                f"batch whitening of {b} samples cannot whiten c={c} channels per group: centring "
-                f"leaves rank {b - 1} < c. Need sub_batch > c: use a larger sub_batch, more groups, "
-                f"or eps > 0"
-            )
-    else:
-        if c < 2:
-            raise ValueError(f"channel whitening needs at least 2 channels per group, got c={c}")
-        # Centring is per sample over all d channels, so with one group it removes one of c dimensions.
-        rank = c - 1 if groups == 1 else c
-        if eps == 0 and rank < b:
-            rule = "c > sub_batch (with groups=1 centring removes one dimension)" if groups == 1 else "c >= sub_batch"
-            raise ValueError(
-                f"channel whitening needs {rule}, got c={c} channels per group for sub-batches of "
-                f"{b}: use a smaller sub_batch, fewer groups, or eps > 0"
-            )
+    if axis == "batch" and b < 2:
+        raise ValueError(f"batch whitening needs at least 2 samples to estimate a covariance, got {b}")
+    if axis == "batch" and eps == 0 and b <= c:
+        raise ValueError(f"batch whitening of {b} samples cannot whiten c={c} channels per group: centring "
+                         f"leaves rank {b - 1} < c. Need sub_batch > c: use a larger sub_batch, more groups, or eps > 0")
+    if axis == "channel" and c < 2:
+        raise ValueError(f"channel whitening needs at least 2 channels per group, got c={c}")
+    # Centring is per sample over all d channels, so with one group it removes one of c dimensions.
+    if axis == "channel" and eps == 0 and (c - 1 if groups == 1 else c) < b:
+        rule = "c > sub_batch (with groups=1 centring removes one dimension)" if groups == 1 else "c >= sub_batch"
+        raise ValueError(f"channel whitening needs {rule}, got c={c} channels per group for sub-batches of "
+                         f"{b}: use a smaller sub_batch, fewer groups, or eps > 0")
 
 
 def _check_permutation(perm, shape, name):
