@@ -226,10 +226,13 @@ def _whitened(cov, x, method, solver, relative_tolerance):
 # Arguments: every public entry point refuses what it cannot use, naming the argument
 
 def _positive_int(value, name):
-    index = getattr(type(value), "__index__", None)  # ints and numpy integers; not 8.0, not "8"
-    if index is None or index(value) < 1:
+    try:
+        index = operator.index(value)  # ints and numpy integers; not 8.0, not "8"
+    except TypeError:
+        index = 0
+    if index < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return index(value)
+    return index
 
 
 def _check_eps(eps):
