@@ -345,3 +345,82 @@ def test_bench_step_table_runs_on_cpu():
     expected = [(name, "eager") for name in bench.STEP_ROWS] + [("CW-RGP 2", "compiled")]
     assert [(name, mode) for name, mode, _, _ in rows] == expected + [("encoder fwd+bwd alone", "eager")]
     assert all(ms > 0 and images_per_s > 0 for _, _, ms, images_per_s in rows)
+
+
+# Runs train_cifar.main in each torchrun process and saves that process's parameters beside the log.
+RANK_RUNNER = """
+import os, sys, torch
+sys.path.insert(0, {repo!r})
+import train_cifar
+result = train_cifar.main(sys.argv[1:])
+if result["status"] == "done":
+    params = {{name: p.detach() for name, p in result["model"].named_parameters()}}
+    torch.save(params, os.path.join(result["out"], "params-rank" + os.environ["RANK"] + ".pt"))
+"""
+
+
+def torchrun(tmp_path, *argv, wait=True):
+    runner = tmp_path / "rank_runner.py"
+    runner.write_text(RANK_RUNNER.format(repo=os.path.dirname(os.path.abspath(__file__))))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(runner),
+               *argv]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    if wait:
+        process.stderr_text = process.communicate(timeout=120)[1]
+    return process
+
+
+def two_process_run(tmp_path, name, *extra, wait=True):
+    out = tmp_path / name
+    process = torchrun(tmp_path, "--dataset", "fake", "--limit", "512", "--device", "cpu", *TINY, "--probe-epochs", "0",
+                       "--out", str(out), *extra, wait=wait)
+    return out, process
+
+
+def params_of(out, rank):
+    return torch.load(out / f"params-rank{rank}.pt", weights_only=True)
+
+
+def test_two_processes_train_one_model(tmp_path):
+    """torchrun with 2 processes (gloo) trains to the end, writes one log row per epoch (rank 0's),
+    and both processes hold identical parameters at the end."""
+    out, process = two_process_run(tmp_path, "ddp", "--epochs", "2")
+    assert process.returncode == 0, process.stderr_text
+    assert [row["epoch"] for row in read_log(out)] == [1, 2]
+    zero, one = params_of(out, 0), params_of(out, 1)
+    assert zero.keys() == one.keys() and all(torch.equal(zero[k], one[k]) for k in zero)
+
+
+def test_two_processes_resume_after_sigterm(tmp_path):
+    """A 2-process run stopped by SIGTERM to torchrun saves once, and --resume under torchrun ends
+    with exactly the parameters of an uninterrupted 2-process run."""
+    out, process = two_process_run(tmp_path, "term", "--epochs", "1000", "--save-every", "1000", "--check-every", "1",
+                                   wait=False)
+    deadline = time.monotonic() + 120
+    while not (out / "log.jsonl").exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert "continue with --resume" in stderr
+    step = torch.load(out / "ckpt.pt", weights_only=True)["state"]["step"]
+    assert step >= 4  # at least the first epoch of 4 steps, which wrote the log we waited for
+    epochs = str(step // 4 + 1)
+    resumed = torchrun(tmp_path, "--resume", str(out), "--epochs", epochs)
+    assert resumed.returncode == 0, resumed.stderr_text
+    straight, _ = two_process_run(tmp_path, "straight", "--epochs", epochs, "--check-every", "1")
+    a, b = params_of(straight, 0), params_of(out, 0)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("flags,says", [
+    (["--batch-size", "127"], "divisible by 2"),
+    (["--sub-batch", "128"], "--sub-batch must divide 64"),  # each of 2 processes whitens 64 of the 128 images
+])
+def test_split_that_cannot_be_whitened_is_refused(flags, says):
+    """A global batch / sub-batch / process count that cannot be split is refused before training,
+    with a message that names the rule."""
+    args = train_cifar.resolve_config(["--batch-size", "128", *flags])
+    with pytest.raises(SystemExit) as exit_info:
+        train_cifar.check_loss_shapes(args, 2)
+    assert says in str(exit_info.value.code)

@@ -13,14 +13,22 @@ epoch's evaluation, the checkpoint and the learning rate as named functions.
     python train_cifar.py --groups 4                                  # CIFAR-10, GPU
     python train_cifar.py --dataset fashion-mnist --arch convnet --crop-scale 0.5 1   # CPU, no download
     python train_cifar.py --method wmse | --method plain              # W-MSE / no whitening
+    torchrun --nproc_per_node 4 train_cifar.py --groups 4             # data parallel on 4 GPUs
 
 The images stay on the device as uint8 and all views of a batch are made there in one batched call,
 so no DataLoader runs in the hot loop. Everything random in a step (data order, augmentation, group
 partitions) is drawn from the run's generator outside the step and passed in as tensors: the step
 itself is a pure tensor function, which is what --compile compiles (off by default: not yet verified
-on a GPU) and what makes --resume continue a run exactly. Two departures from torchvision's augmentations, for batching: colour jitter applies
-its four parts in a fixed order (brightness, contrast, saturation, hue), and the hue shift is a
-rotation of the chroma plane in YIQ space rather than a shift of H in HSV.
+on a GPU) and what makes --resume continue a run exactly. Two departures from torchvision's
+augmentations, for batching: colour jitter applies its four parts in a fixed order (brightness,
+contrast, saturation, hue), and the hue shift is a rotation of the chroma plane in YIQ space rather
+than a shift of H in HSV.
+
+Under torchrun each process takes batch-size / N images of every step from one shared data order
+and whitens them on its own, with its own views and group partitions, as the released code and
+W-MSE do: the sub-batches are drawn within a process's share. DistributedDataParallel averages the
+gradients; BatchNorm statistics stay per process (and per view). Rank 0 evaluates, logs and saves;
+Ctrl-C or SIGTERM stops all processes at the same step, within --check-every steps, and saves once.
 
 The loss is read back every --check-every steps rather than every step, so the device is not made to
 wait for the host; a non-finite loss still stops the run within that many steps, before any
@@ -30,9 +38,11 @@ training, excluding evaluation. Measured speeds and accuracies are in docs/resul
 
 import argparse, datetime, gzip, json, math, os, pathlib, shlex, signal, struct, sys, time
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
+from torch.nn.parallel import DistributedDataParallel
 
 from cwrgp import batch_whiten, channel_whiten, random_group_partition, stable_rank, whitening_loss
 
@@ -268,12 +278,21 @@ def convnet(channels, width):
     return nn.Sequential(*layers), 4 * width
 
 
+class Pretrainer(nn.ModuleDict):
+    """The encoder (features used for evaluation) and the projector (embedding fed to the loss)."""
+
+    def forward(self, views, n_views):
+        # Encoder per view (BatchNorm statistics per view, as the released code), projector on all;
+        # one call, so that DistributedDataParallel sees the whole forward.
+        return self["projector"](torch.cat([self["encoder"](v) for v in views.chunk(n_views)]))
+
+
 def build_model(args, mean, std):
     backbone, features = resnet18(len(mean)) if args.arch == "resnet18" else convnet(len(mean), args.width)
     encoder = nn.Sequential(Normalize(mean, std), backbone)
     projector = nn.Sequential(nn.Linear(features, args.hidden), nn.BatchNorm1d(args.hidden),
                               nn.ReLU(inplace=True), nn.Linear(args.hidden, args.emb))
-    return nn.ModuleDict({"encoder": encoder, "projector": projector})
+    return Pretrainer({"encoder": encoder, "projector": projector})
 
 
 def plain_loss(*views):
@@ -297,16 +316,22 @@ def draw_partition(batch, args, gen):
     return random_group_partition(args.views, batch, args.emb, args.groups, args.sub_batch, args.iters, gen, gen.device)
 
 
-def check_loss_shapes(args):
+def check_loss_shapes(args, world):
     """Refuse flags the loss cannot whiten before anything is loaded or created, with the loss's own
-    message: one evaluation on random embeddings, which are full rank whenever the shapes allow."""
+    message: one evaluation on random embeddings, which are full rank whenever the shapes allow. Each
+    of the `world` processes whitens its own batch_size / world images."""
+    flags = (f"--batch-size {args.batch_size} --sub-batch {args.sub_batch} --groups {args.groups} --emb {args.emb} "
+             f"--eps {args.eps}" + (f" on {world} processes" if world > 1 else ""))
+    if args.batch_size % world:
+        sys.exit(f"error: {flags}: each process takes batch-size / processes images: use a --batch-size divisible by {world}")
+    batch = args.batch_size // world
     gen = torch.Generator().manual_seed(0)
-    zs = torch.randn(args.views, args.batch_size, args.emb, generator=gen).unbind(0)
+    zs = torch.randn(args.views, batch, args.emb, generator=gen).unbind(0)
     try:
-        compute_loss(zs, args, draw_partition(args.batch_size, args, gen))
+        compute_loss(zs, args, draw_partition(batch, args, gen))
     except ValueError as e:
-        sys.exit(f"error: --batch-size {args.batch_size} --sub-batch {args.sub_batch} --groups {args.groups} "
-                 f"--emb {args.emb} --eps {args.eps}: {e}")
+        each = f" (each process whitens its own {batch} images: --sub-batch must divide {batch})" if world > 1 else ""
+        sys.exit(f"error: {flags}: {e}{each}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -323,8 +348,7 @@ def forward_loss(model, x, noise, partition, args):
     if views.is_cuda:
         views = views.contiguous(memory_format=torch.channels_last)
     with autocast(views.device):
-        # Encoder per view (BatchNorm statistics per view, as the released code), projector on all.
-        z = model["projector"](torch.cat([model["encoder"](v) for v in views.chunk(args.views)]))
+        z = model(views, args.views)
     zs = z.float().chunk(args.views)
     return compute_loss(zs, args, partition), zs[0].detach()
 
@@ -470,35 +494,72 @@ def write_log(out, log):
     write_text(os.path.join(out, "log.jsonl"), "".join(json.dumps(row) + "\n" for row in log))
 
 
-def save_checkpoint(path, model, opt, gen_state, st, elapsed):
-    st["elapsed"] = elapsed
-    ck = {"model": model.state_dict(), "opt": opt.state_dict(), "gen": gen_state,
-          "cpu_rng": torch.get_rng_state(), "state": st}
-    save_atomic(path, lambda tmp: torch.save(ck, tmp))
+def gather_states(run, states):
+    """Every process's generator states, in rank order (collective under torchrun)."""
+    if run.world == 1:
+        return [states]
+    gathered = [None] * run.world
+    dist.all_gather_object(gathered, states)
+    return gathered
 
 
-def load_checkpoint(path, model, opt, gen, device):
-    if not os.path.exists(path):
-        sys.exit(f"error: {path} does not exist: the run stopped before its first checkpoint")
-    ck = torch.load(path, map_location=device, weights_only=True)
-    model.load_state_dict(ck["model"])
-    opt.load_state_dict(ck["opt"])
-    gen.set_state(ck["gen"].cpu())
+def save_checkpoint(run, gen_states, elapsed):
+    """Rank 0 saves the weights, optimiser, state and every process's generators; called by every process."""
+    all_gen_states = gather_states(run, gen_states)
+    if run.rank:
+        return
+    run.st["elapsed"] = elapsed
+    ck = {"model": run.model.state_dict(), "opt": run.opt.state_dict(), "gens": all_gen_states,
+          "cpu_rng": torch.get_rng_state(), "state": run.st}
+    save_atomic(run.ckpt_path, lambda tmp: torch.save(ck, tmp))
+
+
+def load_checkpoint(run):
+    if not os.path.exists(run.ckpt_path):
+        sys.exit(f"error: {run.ckpt_path} does not exist: the run stopped before its first checkpoint")
+    ck = torch.load(run.ckpt_path, map_location=run.device, weights_only=True)
+    if len(ck["gens"]) != run.world:
+        sys.exit(f"error: {run.ckpt_path} was saved by {len(ck['gens'])} processes; resume it with as many "
+                 f"(torchrun --nproc_per_node {len(ck['gens'])}, or plain python for 1)")
+    run.model.load_state_dict(ck["model"])
+    run.opt.load_state_dict(ck["opt"])
+    for gen, state in zip((run.order_gen, run.gen), ck["gens"][run.rank]):
+        gen.set_state(state.cpu())
     torch.set_rng_state(ck["cpu_rng"].cpu())
     return ck["state"]
 
 
-def first_nonfinite(acc, upto):
-    """Read the epoch's losses not yet checked, up to step `upto` of the epoch, back to the host (one
-    sync); (the epoch's index of the first non-finite one, its value), or None."""
+def gen_states(run):
+    return run.order_gen.get_state(), run.gen.get_state()
+
+
+STOP_REQUESTED = []  # under torchrun, the signals a process got; its peers learn of them at the next check
+
+
+def request_stop(signum, frame):
+    STOP_REQUESTED.append(signum)
+
+
+def read_losses(run, acc, upto):
+    """Read the epoch's losses not yet checked, up to its step `upto`, back to the host (one sync).
+    Returns (the epoch's index and value of the first non-finite one, or None; whether to stop now).
+    Under torchrun the losses are averaged over the processes and a stop asked of any process is
+    one for all, so every process decides alike."""
     start, acc["checked"] = acc["checked"], upto
+    stop = False
+    if run.world > 1:
+        both = torch.cat([acc["losses"][start:upto], torch.tensor([float(bool(STOP_REQUESTED))], device=run.device)])
+        dist.all_reduce(both)
+        acc["losses"][start:upto] = both[:-1] / run.world
+        stop = both[-1].item() > 0
     values = acc["losses"][start:upto].tolist()
-    return next(((start + k, value) for k, value in enumerate(values) if not math.isfinite(value)), None)
+    return next(((start + k, value) for k, value in enumerate(values) if not math.isfinite(value)), None), stop
 
 
-def stop_nonfinite(run, args, step, reason):
+def stop_nonfinite(run, args, step, reason, alone=False):
     """The message and result of a run stopped by a non-finite loss at `step` (counted from 0); the
-    weights, possibly updated from that loss, are not saved."""
+    weights, possibly updated from that loss, are not saved. Printed by rank 0, or by this process
+    if it stops `alone`."""
     if args.method == "plain":
         cause = "the network diverged; try a lower --lr"
     else:
@@ -507,7 +568,8 @@ def stop_nonfinite(run, args, step, reason):
     kept = f"Kept the last checkpoint in {args.out}" if os.path.exists(run.ckpt_path) else "No checkpoint was saved yet"
     msg = (f"stopped: non-finite loss at step {step + 1} (epoch {step // run.steps_per_epoch + 1}): {reason}. "
            f"Likely cause: {cause}. {kept}.")
-    print(msg, file=sys.stderr)
+    if run.rank == 0 or alone:
+        print(msg, file=sys.stderr)
     return {"status": "nonfinite", "out": args.out, "log": run.st["log"], "message": msg}
 
 
@@ -577,17 +639,27 @@ def evaluate(encoder, data, args, epoch):
     return scores
 
 
-def end_epoch(run, args, epoch, clock, gen_state):
-    """Evaluate, log and print the epoch that just ended; checkpoint every --save-every epochs and at the end."""
+def end_epoch(run, args, epoch, clock, states):
+    """Evaluate, log and print the epoch that just ended (rank 0); checkpoint every --save-every
+    epochs and at the end."""
+    st, acc = run.st, run.st["acc"]
+    st["train_s"] += acc["train_s"]
+    st["epochs_logged"] = epoch
+    clock.epochs += 1
+    if run.rank == 0:
+        log_epoch(run, args, epoch, clock)
+    if epoch % args.save_every == 0 or epoch == args.epochs:
+        save_checkpoint(run, states, clock.elapsed())
+
+
+def log_epoch(run, args, epoch, clock):
     st, acc = run.st, run.st["acc"]
     row = {"epoch": epoch, "loss": acc["losses"].double().sum().item() / run.steps_per_epoch,
            **evaluate(run.model["encoder"], run.data, args, epoch), "stable_rank": acc["stable_rank"], "lr": acc["lr"],
-           "images_per_s": acc["timed_steps"] * args.batch_size / acc["train_s"] if acc["train_s"] else None}
-    st["train_s"] += acc["train_s"]
-    clock.epochs += 1
-    row.update(train_s=st["train_s"], elapsed_s=clock.elapsed(), **acc["spectra"])
+           # the global batch: images of all processes
+           "images_per_s": acc["timed_steps"] * args.batch_size / acc["train_s"] if acc["train_s"] else None,
+           "train_s": st["train_s"], "elapsed_s": clock.elapsed(), **acc["spectra"]}
     st["log"].append(row)
-    st["epochs_logged"] = epoch
     show = lambda v, f: format(v, f) if v is not None else "-"
     print(f"{epoch:>5} {row['loss']:>7.4f} {show(row['knn_top1'], '>7.4f'):>7} {show(row['knn5_top1'], '>7.4f'):>7} "
           f"{row['stable_rank']:>7.1f} {row['lr']:>8.2e} {show(row['images_per_s'], '>7.0f'):>7} "
@@ -595,21 +667,35 @@ def end_epoch(run, args, epoch, clock, gen_state):
     if row["linear_top1"] is not None:
         print(f"linear probe top-1 {row['linear_top1']:.4f} ({args.probe_epochs} epochs on frozen features)")
     write_log(args.out, st["log"])
-    if epoch % args.save_every == 0 or epoch == args.epochs:
-        save_checkpoint(run.ckpt_path, run.model, run.opt, gen_state, st, clock.elapsed())
 
 
 # ----------------------------------------------------------------------------------------------
 # The run
 
+def init_distributed(args):
+    """(rank, processes, device). Under torchrun: this process's place in a new process group (NCCL
+    on CUDA, gloo on the CPU), and SIGINT / SIGTERM become stop requests that all processes act on
+    at the same step. A plain run is (0, 1) and stops where the signal finds it."""
+    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    if "RANK" not in os.environ:
+        return 0, 1, device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, request_stop)
+    return dist.get_rank(), dist.get_world_size(), device
+
+
 def start_run(args):
     """Everything before the first step. A run that cannot start exits here with a message, before
     its directory is created."""
-    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    rank, world, device = init_distributed(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.backends.cudnn.benchmark = device.type == "cuda"
-    check_loss_shapes(args)
+    check_loss_shapes(args, world)
     torch.manual_seed(args.seed)
     data = load_data(args, device)
     steps_per_epoch = len(data[0]) // args.batch_size
@@ -623,64 +709,80 @@ def start_run(args):
         model = model.to(memory_format=torch.channels_last)
     # Fused Adam updates all parameters in one kernel on CUDA; the CPU keeps the default (foreach) one.
     opt = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.wd, fused=True if device.type == "cuda" else None)
-    gen = torch.Generator(device=device).manual_seed(args.seed)  # data order, views and group partitions
-    ckpt_path = os.path.join(args.out, "ckpt.pt")
-    st = load_checkpoint(ckpt_path, model, opt, gen, device) if args.resume else new_state()
-    return argparse.Namespace(device=device, data=data, model=model, opt=opt, gen=gen, st=st, ckpt_path=ckpt_path,
-                              steps_per_epoch=steps_per_epoch, forward=compile_step(args, device))
+    # The data order is shared by all processes; the views and group partitions are each process's own.
+    order_gen = torch.Generator(device=device).manual_seed(args.seed)
+    gen = order_gen if world == 1 else torch.Generator(device=device).manual_seed(args.seed + 1 + rank)
+    # BatchNorm stays per process (and per view): DDP averages the gradients, nothing else.
+    net = model if world == 1 else DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    run = argparse.Namespace(rank=rank, world=world, device=device, data=data, model=model, net=net, opt=opt,
+                             order_gen=order_gen, gen=gen, ckpt_path=os.path.join(args.out, "ckpt.pt"),
+                             steps_per_epoch=steps_per_epoch, forward=compile_step(args, device))
+    run.st = load_checkpoint(run) if args.resume else new_state()
+    return run
 
 
 def train(run, args):
     """The training loop, from run.st["step"] to the last epoch's evaluation."""
-    st, steps_per_epoch, train_x = run.st, run.steps_per_epoch, run.data[0]
+    st, steps_per_epoch, train_x, share = run.st, run.steps_per_epoch, run.data[0], args.batch_size // run.world
     timer, clock = Timer(run.device), Clock(st["elapsed"])
-    print(HEADER)
+    if run.rank == 0:
+        print(HEADER)
     try:
         while True:
-            gen_state = run.gen.get_state()  # what a checkpoint restores: the state before this step's draws
+            states = gen_states(run)  # what a checkpoint restores: the generators before this step's draws
             epoch, i = divmod(st["step"], steps_per_epoch)
             if i == 0 and st["epochs_logged"] < epoch:
                 timer.stop(st["acc"], st["step"])
-                end_epoch(run, args, epoch, clock, gen_state)
+                end_epoch(run, args, epoch, clock, states)
             if st["step"] >= args.epochs * steps_per_epoch:
                 break
             if i == 0:
-                st["perm"] = torch.randperm(len(train_x), generator=run.gen, device=run.device)
+                st["perm"] = torch.randperm(len(train_x), generator=run.order_gen, device=run.device)
                 st["acc"] = new_epoch(steps_per_epoch, run.device)
             acc = st["acc"]
             if timer.begin is None:
                 timer.start(st["step"])
-            x = train_x[st["perm"][i * args.batch_size:(i + 1) * args.batch_size]]
+            first = i * args.batch_size + run.rank * share  # this process's share of the global batch
+            x = train_x[st["perm"][first:first + share]]
             lr = lr_at(st["step"], steps_per_epoch, args)
             try:
-                acc["losses"][i], z = train_step(run.forward, run.model, run.opt, x, lr, run.gen, args)
-            except ValueError as e:  # the eager loss refuses a non-finite or singular whitening, before the update
-                if (bad := first_nonfinite(acc, i)) is not None:  # an earlier unchecked step caused it
+                acc["losses"][i], z = train_step(run.forward, run.net, run.opt, x, lr, run.gen, args)
+            except ValueError as e:
+                # The eager loss refused a non-finite or singular whitening, before the update. Under torchrun
+                # only this process knows: it stops alone, and torchrun then stops the others.
+                if run.world > 1:
+                    return stop_nonfinite(run, args, st["step"], f"process {run.rank}: {e}", alone=True)
+                if (bad := read_losses(run, acc, i)[0]) is not None:  # an earlier unchecked step caused it
                     return stop_nonfinite(run, args, st["step"] - i + bad[0], f"loss {bad[1]}")
                 return stop_nonfinite(run, args, st["step"], e)
             acc["lr"] = lr
             st["step"] += 1
-            if (i + 1) % args.check_every == 0 or i + 1 == steps_per_epoch:
-                if (bad := first_nonfinite(acc, i + 1)) is not None:
-                    return stop_nonfinite(run, args, st["step"] - 1 - i + bad[0], f"loss {bad[1]}")
-            if i + 1 == steps_per_epoch:  # the paper's indicator and the spectra, on the epoch's last batch
+            check = (i + 1) % args.check_every == 0 or i + 1 == steps_per_epoch
+            bad, stop = read_losses(run, acc, i + 1) if check else (None, False)
+            if bad is not None:
+                return stop_nonfinite(run, args, st["step"] - 1 - i + bad[0], f"loss {bad[1]}")
+            if i + 1 == steps_per_epoch and run.rank == 0:  # the paper's indicator and spectra, on the epoch's last batch
                 acc["stable_rank"], acc["spectra"] = stable_rank(z).item(), spectra(z, args)
+            if stop:  # asked of some process under torchrun: all stop here, after this step
+                return interrupted(run, args, timer, clock, gen_states(run))
     except KeyboardInterrupt:
-        return interrupted(run, args, timer, clock, gen_state)
-    print(f"done in {fmt_time(clock.elapsed())}: {args.out}")
+        return interrupted(run, args, timer, clock, states)
+    if run.rank == 0:
+        print(f"done in {fmt_time(clock.elapsed())}: {args.out}")
     return {"status": "done", "out": args.out, "log": st["log"], "model": run.model}
 
 
-def interrupted(run, args, timer, clock, gen_state):
+def interrupted(run, args, timer, clock, states):
     """Ctrl-C or SIGTERM: checkpoint where the run is, unless its unchecked losses are not finite."""
     st = run.st
     if st["acc"] is not None:
         timer.stop(st["acc"], st["step"])
         done = st["step"] % run.steps_per_epoch  # the epoch's steps; a finished epoch was checked at its end
-        if done and (bad := first_nonfinite(st["acc"], done)) is not None:
+        if done and (bad := read_losses(run, st["acc"], done)[0]) is not None:
             return stop_nonfinite(run, args, st["step"] - done + bad[0], f"loss {bad[1]}")
-    save_checkpoint(run.ckpt_path, run.model, run.opt, gen_state, st, clock.elapsed())
-    print(f"\ninterrupted: saved {run.ckpt_path} at step {st['step']}; continue with --resume {args.out}", file=sys.stderr)
+    save_checkpoint(run, states, clock.elapsed())
+    if run.rank == 0:
+        print(f"\ninterrupted: saved {run.ckpt_path} at step {st['step']}; continue with --resume {args.out}", file=sys.stderr)
     return {"status": "interrupted", "out": args.out, "log": st["log"]}
 
 
@@ -688,18 +790,29 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = resolve_config(argv)
     run = start_run(args)
-    if run.st["step"] >= args.epochs * run.steps_per_epoch and run.st["epochs_logged"] >= args.epochs:
-        done = run.st["epochs_logged"]
-        print(f"{args.out} is finished at epoch {done}: nothing to do. Continue it with "
-              f"--resume {args.out} --epochs N for N > {done}", file=sys.stderr)
-        return {"status": "finished", "out": args.out, "log": run.st["log"], "model": run.model}
+    try:
+        if run.st["step"] >= args.epochs * run.steps_per_epoch and run.st["epochs_logged"] >= args.epochs:
+            done = run.st["epochs_logged"]
+            if run.rank == 0:
+                print(f"{args.out} is finished at epoch {done}: nothing to do. Continue it with "
+                      f"--resume {args.out} --epochs N for N > {done}", file=sys.stderr)
+            return {"status": "finished", "out": args.out, "log": run.st["log"], "model": run.model}
+        if run.rank == 0:
+            start_directory(run, args, argv)
+        return train(run, args)
+    finally:
+        if run.world > 1:
+            dist.destroy_process_group()
+
+
+def start_directory(run, args, argv):
     os.makedirs(args.out, exist_ok=True)
-    print("command: python train_cifar.py " + shlex.join(argv))
+    command = "python train_cifar.py" if run.world == 1 else f"torchrun --nproc_per_node {run.world} train_cifar.py"
+    print(f"command: {command} " + shlex.join(argv))
     print("config: " + " ".join(f"{k}={v}" for k, v in vars(args).items()) + f" (device {run.device}, torch {torch.__version__})")
     if args.resume:
         print(f"resumed from {run.ckpt_path} at step {run.st['step']} (epoch {run.st['step'] / run.steps_per_epoch:.2f})")
     write_text(os.path.join(args.out, "config.json"), json.dumps(vars(args), indent=1) + "\n")
-    return train(run, args)
 
 
 def interrupt(signum, frame):
