@@ -1,4 +1,6 @@
-"""Tests of train_cifar.py: end-to-end runs, resume, clean stops and the batched augmentation.
+"""Tests of train_cifar.py: end-to-end runs, resume, clean stops, the deferred loss check, the
+compiled step, two-process torchrun runs (gloo), the batched augmentation, and bench.py's
+training-step table.
 
 Runs are tiny (a convnet of width 16 on a few hundred images) so the file stays fast on a CPU.
 """
