@@ -116,6 +116,18 @@ def test_readme_snippet_runs_and_prints_what_it_computes(capsys):
     assert all(re.search(r"\d", line) for line in printed.strip().splitlines())
 
 
+def test_readme_api_table_has_the_real_signatures():
+    import inspect
+
+    import cwrgp
+
+    rows = re.findall(r"^\| `((\w+)\(.*?\))` \|", (ROOT / "README.md").read_text(), re.M)
+    assert len(rows) >= 9
+    for written, name in rows:
+        actual = name + str(inspect.signature(getattr(cwrgp, name))).replace("'", '"')
+        assert written == actual, f"README.md's API table: {written} but cwrgp has {actual}"
+
+
 def trainer_commands():
     """Every `python train_cifar.py ...` command in the docs, with shell variables set earlier in
     the same code block expanded, as (page, argv)."""
@@ -164,6 +176,38 @@ def test_docs_cite_the_paper_and_the_code_not_a_tracker():
              for page in PAGES for number, line in enumerate(page.read_text().splitlines(), 1)
              if re.search(r"\bissues?\b|\bclaim \d", line, re.I)]
     assert not cited, "the docs point at something a reader cannot see:\n" + "\n".join(cited)
+
+
+def load_figures():
+    import importlib.util
+
+    pytest.importorskip("matplotlib")
+    spec = importlib.util.spec_from_file_location("figures", ROOT / "docs" / "figures.py")
+    figures = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(figures)
+    return figures
+
+
+def test_figure_redraws_are_byte_identical(tmp_path):
+    figures = load_figures()
+    runs = [figures.load_run(figures.LOGS / f"spectrum-{m}.jsonl", figures.LOGS / f"spectrum-{m}.config.json", m)
+            for m in ("wmse", "cwrgp")]
+    for attempt in ("a", "b"):
+        figures.training_figure(runs, tmp_path / f"training-{attempt}.png", "t")
+        figures.spectrum_figure(runs, tmp_path / f"spectrum-{attempt}.png", "t")
+        figures.whitening_figure(tmp_path / f"whitening-{attempt}.png")
+    for name in ("training", "spectrum", "whitening"):
+        assert (tmp_path / f"{name}-a.png").read_bytes() == (tmp_path / f"{name}-b.png").read_bytes(), name
+
+
+def test_figure_legends_tell_runs_of_one_config_apart():
+    figures = load_figures()
+    same = [figures.load_run(figures.LOGS / "fmnist-cwrgp.jsonl", figures.LOGS / "fmnist-cwrgp.config.json", name)
+            for name in ("runs/a", "runs/b")]
+    other = figures.load_run(figures.LOGS / "fmnist-wmse.jsonl", figures.LOGS / "fmnist-wmse.config.json", "runs/c")
+    labels = figures.labels([*same, other])
+    assert labels[:2] == ["runs/a", "runs/b"]
+    assert labels[2].startswith("W-MSE")
 
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda page: page.name)
