@@ -3,16 +3,18 @@ Whitening losses for self-supervised learning, centred on CW-RGP: channel whiten
 group partition, from "An Investigation into Whitening Loss for Self-supervised Learning"
 (Weng, Huang, Zhao, Anwer, Khan, Khan; NeurIPS 2022, arXiv 2210.03586).
 
-One view's embedding Z is (b, d): b samples, d channels. After a permutation of the channels they
-are cut into g groups of c = d/g channels, and every group is whitened on its own:
+One view's embedding Z is (m, d): a batch of m samples (the paper's m) and d channels. The loss
+splits the batch into sub-batches of b = sub_batch samples (b = m without a split) and whitens each
+on its own: after a permutation of the channels they are cut into g groups of c = d/g channels, and
+every group is whitened on its own:
 
-  batch whitening (BW, W-MSE):   Z̄ = Z − mean over samples,   Σ = Z̄ᵀZ̄/(b−1) (c×c),   Ẑ = Z̄Wᵀ
-  channel whitening (CW, paper): Z̄ = Z − mean over channels,  Σ = Z̄Z̄ᵀ/(c−1) (b×b),   Ẑ = WZ̄
+  batch whitening (BW, W-MSE):   Z̄ = Z − mean over the b samples,   Σ = Z̄ᵀZ̄/(b−1) (c×c),   Ẑ = Z̄Wᵀ
+  channel whitening (CW, paper): Z̄ = Z − mean over the d channels,  Σ = Z̄Z̄ᵀ/(c−1) (b×b),   Ẑ = WZ̄
 
 with W Σ Wᵀ = I from ZCA (W = Σ^(-1/2)), Cholesky (W = L⁻¹, Σ = LLᵀ) or PCA (W = Λ^(-1/2)Uᵀ).
-The loss pulls the whitened views together: L = (1/m)‖Φ(Z₁) − Φ(Z₂)‖²_F, where the paper's m is
-the number of samples, so L is the mean over samples of the squared distance. Whitening runs on
-sub-batches of `sub_batch` samples; inside `_whiten` the sub-batch is the b of the formulas above.
+The loss pulls the whitened views together: L = (1/m)‖Φ(Z₁) − Φ(Z₂)‖²_F, the mean over the m
+samples of the squared distance. batch_whiten and channel_whiten whiten all the rows they are
+given together: for them b is the number of rows. Symbols as in docs/paper-to-code.md#notation.
 
 What this file adds to the released recipe: every view, sub-batch, group and repetition of a step
 is whitened by one batched decomposition; the small covariances are formed and decomposed in
@@ -20,8 +22,9 @@ float64 and everything else runs in float32 (half-precision inputs and autocast 
 two exact solvers, an eigendecomposition with a backward that stays finite when eigenvalues repeat
 and a Newton–Schulz iteration that is only matrix products, so on a GPU the loss compiles and runs
 inside a CUDA graph; shapes and arguments that cannot be whitened are refused with the rule and the
-fix. Axis letters: i repetitions, v views, s sub-batches, b samples, d channels, g groups, c
-channels per group; a matrix whose n rows are whitened is x (n, k), its covariance Σ (n, n).
+fix. Axis letters: i repetitions, v views, s sub-batches (m/b), b samples of a sub-batch, d
+channels, g groups, c channels per group; a matrix whose n rows are whitened is x (n, k), its
+covariance Σ (n, n).
 """
 
 import math
@@ -425,7 +428,7 @@ def random_group_partition(views, batch, dim, groups, sub_batch=None, iters=1, g
     """Draw the random partitions of one loss evaluation.
 
     Returns (samples, channels):
-      samples  (i, b) long: an order of the batch per repetition; consecutive runs of sub_batch
+      samples  (i, m) long: an order of the batch per repetition; consecutive runs of sub_batch
                form the sub-batches, shared by all views.
       channels (i, v, s, d) long: a channel permutation for every repetition, view and sub-batch;
                consecutive runs of c = d/groups channels form the groups. With groups=1 it is the
@@ -452,7 +455,7 @@ def random_group_partition(views, batch, dim, groups, sub_batch=None, iters=1, g
 
 def whitening_loss(*views, axis="channel", groups=4, sub_batch=None, iters=1, method="zca", eps=0.0,
                    normalize=True, generator=None, partition=None, solver="auto"):
-    """The whitening loss between V ≥ 2 views, each (b, d) -> scalar.
+    """The whitening loss between V ≥ 2 views, each (m, d) -> scalar.
 
     For each of `iters` repetitions: one random split of the batch into sub-batches of `sub_batch`
     samples (None: the whole batch), shared by the views; every view's sub-batch whitened along
@@ -473,23 +476,23 @@ def whitening_loss(*views, axis="channel", groups=4, sub_batch=None, iters=1, me
         _check_embedding(v)
     shapes = {tuple(v.shape) for v in views}
     if len(shapes) > 1:
-        raise ValueError(f"all views must have the same (b, d) shape, got {sorted(shapes)}")
+        raise ValueError(f"all views must have the same (m, d) shape, got {sorted(shapes)}")
     _check_choice(axis, "axis", AXES)
     _check_choice(method, "method", METHODS)
-    b, d = views[0].shape
-    sub_batch, groups = _check_sub_batch(sub_batch, b), _check_groups(groups, d)
+    m, d = views[0].shape
+    sub_batch, groups = _check_sub_batch(sub_batch, m), _check_groups(groups, d)
     iters, eps = _positive_int(iters, "iters"), _check_eps(eps)
     _check_whitenable(axis, sub_batch, d // groups, groups, eps)
     z = torch.stack(views)
     solver = _resolve_solver(solver, z.device)
     if partition is None:
-        samples, channels = random_group_partition(len(views), b, d, groups, sub_batch, iters, generator, z.device)
+        samples, channels = random_group_partition(len(views), m, d, groups, sub_batch, iters, generator, z.device)
     elif generator is not None:
         raise ValueError("pass either a generator to draw the partition or a partition, not both")
     else:
         samples, channels = partition
-        _check_permutation(samples, (iters, b), "partition's samples")
-        _check_permutation(channels, (iters, len(views), b // sub_batch, d), "partition's channels")
+        _check_permutation(samples, (iters, m), "partition's samples")
+        _check_permutation(channels, (iters, len(views), m // sub_batch, d), "partition's channels")
     with torch.autocast(z.device.type, enabled=False):
         z = z.to(_compute_dtype(z))
         # index_select, not z[:, samples]: its backward is a row copy rather than an index_put
