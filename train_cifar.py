@@ -98,7 +98,8 @@ def build_parser():
              "on CUDA with mode reduce-overhead (CUDA graphs). Off by default: not yet verified on a GPU")
     arg("--compile-backend", default="inductor", help="torch.compile backend; aot_eager needs no C compiler")
     arg("--check-every", type=int, help="read the loss back (and stop on a non-finite one) every N steps "
-                                        "and at each epoch's end", default=50)
+                                        "and at each epoch's end; under torchrun, also when Ctrl-C / SIGTERM "
+                                        "takes effect", default=50)
     arg("--seed", type=int, default=0)
     arg("--out", help="run directory (default runs/<dataset>-<method>-<time>)")
     arg("--save-every", type=int, help="checkpoint every N epochs (and at the end)", default=10)
@@ -707,8 +708,9 @@ def start_run(args):
     del pixels
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    # Fused Adam updates all parameters in one kernel on CUDA; the CPU keeps the default (foreach) one.
-    opt = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.wd, fused=True if device.type == "cuda" else None)
+    # Fused Adam: one kernel for all parameters on CUDA; on the CPU, too, it is several times faster
+    # than the default (foreach) one.
+    opt = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.wd, fused=True)
     # The data order is shared by all processes; the views and group partitions are each process's own.
     order_gen = torch.Generator(device=device).manual_seed(args.seed)
     gen = order_gen if world == 1 else torch.Generator(device=device).manual_seed(args.seed + 1 + rank)
