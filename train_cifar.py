@@ -97,9 +97,8 @@ def build_parser():
         help="compile the step (augmentation, encoder, projector, loss and their backward) with torch.compile; "
              "on CUDA with mode reduce-overhead (CUDA graphs). Off by default: not yet verified on a GPU")
     arg("--compile-backend", default="inductor", help="torch.compile backend; aot_eager needs no C compiler")
-    arg("--check-every", type=int, help="read the loss back (and stop on a non-finite one) every N steps "
-                                        "and at each epoch's end; under torchrun, also when Ctrl-C / SIGTERM "
-                                        "takes effect", default=50)
+    arg("--check-every", type=int, default=50, help="read the loss back (and stop on a non-finite one) every "
+        "N steps and at each epoch's end; under torchrun, also when Ctrl-C / SIGTERM takes effect")
     arg("--seed", type=int, default=0)
     arg("--out", help="run directory (default runs/<dataset>-<method>-<time>)")
     arg("--save-every", type=int, help="checkpoint every N epochs (and at the end)", default=10)
