@@ -83,21 +83,20 @@ def main():
         print(f"untrained {arch:<8} embedding of 256 Fashion-MNIST images, 16 covariances: cond {summary(conditions(z))}")
 
     # During training: record the largest cond(Σ) that each step's decomposition sees.
-    # On the CPU the loss's ZCA goes through cwrgp's eigh decomposition, looked up in
-    # cwrgp.DECOMPOSITIONS; Σ arrives scaled to mean diagonal 1, which leaves cond(Σ) as it was.
+    # On the CPU the loss's ZCA goes through cwrgp._zca_eigh; Σ arrives scaled to mean diagonal 1,
+    # which leaves cond(Σ) as it was.
     largest = []
-    key = ("zca", "eigh")
-    decompose = cwrgp.DECOMPOSITIONS[key]
+    decompose = cwrgp._zca_eigh
 
-    def recording(cov, x, relative_tolerance):
+    def recording(cov, x, relative_tolerance, cov_scale=None):
         # The training loss's calls only (2 views × 4 sub-batches × 4 groups, with a gradient): not the
         # spectra's, nor the trainer's no-grad check of the flags on random embeddings before step 1.
-        if cov.requires_grad and cov[..., 0, 0].numel() == 32:
+        if x.requires_grad and cov[..., 0, 0].numel() == 32:
             eigenvalues = torch.linalg.eigvalsh(cov.detach())
             largest.append((eigenvalues[..., -1] / eigenvalues[..., 0]).max().item())
-        return decompose(cov, x, relative_tolerance)
+        return decompose(cov, x, relative_tolerance, cov_scale)
 
-    cwrgp.DECOMPOSITIONS[key] = recording
+    cwrgp._zca_eigh = recording
     for crop in ("0.2", "0.5"):
         largest.clear()
         with tempfile.TemporaryDirectory() as out:
@@ -106,7 +105,7 @@ def main():
         steps = [1, 25, 50, 100, 150, 200, len(largest)]
         print(f"largest cond(Σ) of each step's 32 covariances, CW-RGP convnet, first epoch, --crop-scale {crop} 1:")
         print("  " + "  ".join(f"step {s}: {largest[s - 1]:.2g}" for s in steps))
-    cwrgp.DECOMPOSITIONS[key] = decompose
+    cwrgp._zca_eigh = decompose
 
     torch.set_num_threads(1)
     x = torch.randn(64, 64, 128, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
