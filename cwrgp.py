@@ -210,7 +210,7 @@ DECOMPOSITIONS = {("zca", "eigh"): _zca_eigh, ("zca", "newton"): _zca_newton,
 
 def _whitened(cov, x, method, solver, relative_tolerance, cov_scale=None):
     """W x for float64 covariances (..., n, n) and x (..., n, k) (x = I: W itself), and the
-    failures for _refuse_or_poison. cov_scale: a, where Σ = a·x xᵀ + εI came from x itself."""
+    failures for _refuse_or_poison. cov_scale: a, where Σ = a·x xᵀ came from x itself (ZCA by eigh only)."""
     if cov.requires_grad:  # only the symmetric part is a covariance; its gradient is symmetric
         cov = (cov + cov.mT) / 2
     # W(αΣ) = W(Σ)/√α for all three methods: decomposing Σ/τ (τ its mean diagonal, detached, which
@@ -223,8 +223,7 @@ def _whitened(cov, x, method, solver, relative_tolerance, cov_scale=None):
     swap = non_finite | not_positive
     tau = torch.where(swap, 1.0, tau)[..., None, None]
     cov = torch.where(swap[..., None, None], torch.eye(cov.shape[-1], dtype=cov.dtype, device=cov.device), cov / tau)
-    if cov_scale is not None and (method, solver) == ("zca", "eigh"):
-        # the eigh backward differentiates through Σ's formula itself, cheaper than autograd
+    if cov_scale is not None:  # ZCA by eigh, its backward taking the chain through Σ's formula
         out, failures = _zca_eigh(cov, x, relative_tolerance, cov_scale / tau)
     else:
         out, failures = DECOMPOSITIONS[method, solver if method == "zca" else None](cov, x, relative_tolerance)
@@ -374,8 +373,9 @@ def _whiten_rows(x, method, solver, eps):
     # detached, since the output (and so, exactly, its gradient) does not depend on the scale.
     scale = x.detach().abs().amax((-2, -1), keepdim=True)
     x = x / torch.where(scale > 0, scale, 1.0)
-    cov_scale = torch.tensor(1 / (x.shape[-1] - 1), dtype=torch.float64, device=x.device)
-    fused = (method, solver) == ("zca", "eigh")  # differentiates through Σ's formula itself
+    # ZCA by eigh differentiates through Σ = x xᵀ/(k−1) itself, given that a = 1/(k−1)
+    fused = (method, solver) == ("zca", "eigh")
+    cov_scale = torch.tensor(1 / (x.shape[-1] - 1), dtype=torch.float64, device=x.device) if fused else None
     cov = _covariance(x.detach() if fused else x, eps)
     out, failures = _whitened(cov, x, method, solver, _data_tolerance(x), cov_scale)
     return _refuse_or_poison(out, failures)
