@@ -450,6 +450,8 @@ def random_group_partition(views, batch, dim, groups, sub_batch=None, iters=1, g
     views, batch, dim = (_positive_int(v, name) for v, name in ((views, "views"), (batch, "batch"), (dim, "dim")))
     groups, iters = _check_groups(groups, dim), _positive_int(iters, "iters")
     sub_batch = _check_sub_batch(sub_batch, batch)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise ValueError(f"generator must be a torch.Generator (or None), got {type(generator).__name__}")
     draw_device = generator.device if generator is not None else device
     if sub_batch == batch:
         samples = torch.arange(batch, device=draw_device).expand(iters, batch)

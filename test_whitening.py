@@ -881,6 +881,7 @@ def test_random_group_partition_refuses_what_the_loss_refuses():
     (lambda: batch_whiten(embedding(0, 8, 4), perm=torch.tensor([0, 1, 2])), "shape"),
     (lambda: whitening_matrix(torch.tensor([[2.0, 1.0], [-1.0, 2.0]])), "not symmetric"),
     (lambda: CWRGPLoss(sub_bach=64), "unknown"),
+    (lambda: cw_rgp_loss(*views_of(128, 256), generator=0), "torch.Generator"),
     (lambda: stable_rank(torch.randn(1, 8)), "at least 2 samples"),
     (lambda: stable_rank(torch.tensor([[0.0, 1.0], [float("nan"), 2.0]])), "NaN or Inf"),
 ])
