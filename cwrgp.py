@@ -335,8 +335,8 @@ def whitening_matrix(cov, method="zca", solver="auto"):
         raise ValueError(f"cov must be real, got {cov.dtype}")
     dtype = cov.dtype if cov.is_floating_point() else torch.float64
     work = cov.double()
-    size = work.detach().abs().amax((-2, -1))
-    asymmetric = (work.detach() - work.detach().mT).abs().amax((-2, -1)) > math.sqrt(torch.finfo(dtype).eps) * size
+    values = work.detach()
+    asymmetric = (values - values.mT).abs().amax((-2, -1)) > math.sqrt(torch.finfo(dtype).eps) * values.abs().amax((-2, -1))
     eye = torch.eye(cov.shape[-1], dtype=work.dtype, device=work.device).expand_as(work)
     W, failures = _whitened(work, eye, method, _resolve_solver(solver, cov.device),
                             cov.shape[-1] * torch.finfo(dtype).eps)
@@ -365,16 +365,15 @@ def _covariance(x, eps):
 
 def _whiten_rows(x, method, solver, eps):
     """W x for the rows of x (..., n, k), W from their covariance."""
-    if eps:  # shrinkage is absolute: the scale of x matters, so autograd runs through Σ's formula
-        out, failures = _whitened(_covariance(x, eps), x, method, solver, _data_tolerance(x))
-        return _refuse_or_poison(out, failures)
-    # Without shrinkage whitening is scale-invariant, so scaling each matrix to max |x| = 1 changes
-    # nothing but keeps Σ, and the eigh backward's products in x's dtype, within range at any scale;
-    # detached, since the output (and so, exactly, its gradient) does not depend on the scale.
-    scale = x.detach().abs().amax((-2, -1), keepdim=True)
-    x = x / torch.where(scale > 0, scale, 1.0)
+    if not eps:
+        # Without shrinkage whitening is scale-invariant, so scaling each matrix to max |x| = 1
+        # changes nothing but keeps Σ, and the eigh backward's products in x's dtype, within range at
+        # any scale; detached, since the output (and so, exactly, its gradient) does not depend on it.
+        # (With shrinkage, which is absolute, the scale matters: autograd runs through Σ's formula.)
+        scale = x.detach().abs().amax((-2, -1), keepdim=True)
+        x = x / torch.where(scale > 0, scale, 1.0)
     # ZCA by eigh differentiates through Σ = x xᵀ/(k−1) itself, given that a = 1/(k−1)
-    fused = (method, solver) == ("zca", "eigh")
+    fused = not eps and (method, solver) == ("zca", "eigh")
     cov_scale = torch.tensor(1 / (x.shape[-1] - 1), dtype=torch.float64, device=x.device) if fused else None
     cov = _covariance(x.detach() if fused else x, eps)
     out, failures = _whitened(cov, x, method, solver, _data_tolerance(x), cov_scale)
