@@ -210,6 +210,41 @@ def test_figure_legends_tell_runs_of_one_config_apart():
     assert labels[2].startswith("W-MSE")
 
 
+def brute_force_knn(bank, bank_y, query, query_y, k):
+    """k-NN majority vote by explicit distances (ties to the lowest class)."""
+    nearest = torch.cdist(query.double(), bank.double()).topk(k, dim=1, largest=False).indices
+    votes = torch.stack([torch.bincount(row, minlength=int(bank_y.max()) + 1) for row in bank_y[nearest]])
+    return (votes.argmax(1) == query_y).double().mean().item()
+
+
+def test_representations_measures_pixels_and_a_run_as_the_trainer_does(tmp_path):
+    """docs/representations.py: the raw-pixel 5-NN and L2-normalised 5-NN equal a brute-force
+    distance computation; the encoder's 5-NN, L2 5-NN and 200-NN equal the trainer's own last-epoch
+    scores for the same checkpoint; embedding and whitened output are measured at their widths."""
+    import importlib.util
+    import train_cifar
+    import torch.nn.functional as F
+
+    out = tmp_path / "run"
+    log = train_cifar.main(["--dataset", "fake", "--limit", "384", "--arch", "convnet", "--width", "16", "--batch-size",
+                            "128", "--epochs", "1", "--probe-epochs", "0", "--out", str(out)])["log"]
+    spec = importlib.util.spec_from_file_location("representations", ROOT / "docs" / "representations.py")
+    representations = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(representations)
+    rows = {name: (dim, s) for name, dim, s in representations.main([str(out), "--probe-epochs", "2"])}
+    assert list(rows) == ["raw pixels", "encoder", "embedding", "whitened"]
+    assert [rows[n][0] for n in rows] == [3 * 32 * 32, 64, 512, 512]
+    args = train_cifar.resolve_config(["--dataset", "fake", "--limit", "384"])
+    train_x, train_y, test_x, test_y = train_cifar.load_data(args, torch.device("cpu"))
+    px, qx = train_x.flatten(1).float() / 255, test_x.flatten(1).float() / 255
+    assert rows["raw pixels"][1]["knn5"] == pytest.approx(brute_force_knn(px, train_y, qx, test_y, 5), abs=1e-12)
+    l2 = brute_force_knn(F.normalize(px, dim=1), train_y, F.normalize(qx, dim=1), test_y, 5)
+    assert rows["raw pixels"][1]["knn5_l2"] == pytest.approx(l2, abs=1e-12)
+    trainer = {"knn5": "knn5_top1", "knn5_l2": "knn5_l2_top1", "knn200": "knn_top1"}
+    assert {m: rows["encoder"][1][m] for m in trainer} == {m: log[-1][key] for m, key in trainer.items()}
+    assert all(0 <= rows[n][1]["linear"] <= 1 for n in rows)
+
+
 @pytest.mark.parametrize("page", PAGES, ids=lambda page: page.name)
 def test_relative_links_lead_to_files(page):
     missing = [target for target in re.findall(r"\]\(([^)#:\s]+)(?:#[^)]*)?\)", page.read_text())

@@ -24,7 +24,7 @@ import train_cifar
 FASHION_DIR = "/usr/share/datasets/fashion-mnist"
 TINY = ["--arch", "convnet", "--width", "16", "--batch-size", "128", "--eval-every", "1",
         "--probe-epochs", "3", "--save-every", "1"]
-EPOCH_KEYS = {"epoch", "loss", "knn_top1", "knn5_top1", "linear_top1", "stable_rank", "lr", "images_per_s", "train_s",
+EPOCH_KEYS = {"epoch", "loss", "knn_top1", "knn5_top1", "knn5_l2_top1", "linear_top1", "stable_rank", "lr", "images_per_s", "train_s",
               "elapsed_s", "embedding_spectrum", "whitened_spectrum"}
 
 

@@ -621,19 +621,21 @@ def fmt_time(s):
 # ----------------------------------------------------------------------------------------------
 # The epoch's evaluation and log row
 
-HEADER = f"{'epoch':>5} {'loss':>7} {'knn200':>7} {'knn5':>7} {'srank':>7} {'lr':>8} {'img/s':>7} {'elapsed':>8} {'eta':>8}"
+HEADER = f"{'epoch':>5} {'loss':>7} {'knn200':>7} {'knn5':>7} {'knn5l2':>7} {'srank':>7} {'lr':>8} {'img/s':>7} {'elapsed':>8} {'eta':>8}"
 
 
 def evaluate(encoder, data, args, epoch):
     """kNN every --eval-every epochs and at the end, the linear probe at the end; None where not run."""
     train_x, train_y, test_x, test_y = data
-    scores = {"knn_top1": None, "knn5_top1": None, "linear_top1": None}
+    scores = {"knn_top1": None, "knn5_top1": None, "knn5_l2_top1": None, "linear_top1": None}
     last = epoch == args.epochs
     if epoch % args.eval_every and not last:
         return scores
     bank, query = features(encoder, train_x), features(encoder, test_x)
     scores["knn_top1"] = knn_top1(bank, train_y, query, test_y, min(args.knn_k, len(bank)), "cosine", args.knn_t)
     scores["knn5_top1"] = knn_top1(bank, train_y, query, test_y, 5, "euclidean")
+    # The same vote on the unit sphere: a feature's length no longer decides its neighbours.
+    scores["knn5_l2_top1"] = knn_top1(F.normalize(bank, dim=1), train_y, F.normalize(query, dim=1), test_y, 5, "euclidean")
     if last and args.probe_epochs:
         scores["linear_top1"] = linear_probe(bank, train_y, query, test_y, args)
     return scores
@@ -662,6 +664,7 @@ def log_epoch(run, args, epoch, clock):
     st["log"].append(row)
     show = lambda v, f: format(v, f) if v is not None else "-"
     print(f"{epoch:>5} {row['loss']:>7.4f} {show(row['knn_top1'], '>7.4f'):>7} {show(row['knn5_top1'], '>7.4f'):>7} "
+          f"{show(row['knn5_l2_top1'], '>7.4f'):>7} "
           f"{row['stable_rank']:>7.1f} {row['lr']:>8.2e} {show(row['images_per_s'], '>7.0f'):>7} "
           f"{fmt_time(row['elapsed_s']):>8} {fmt_time(clock.eta(args.epochs - epoch)):>8}", flush=True)
     if row["linear_top1"] is not None:
