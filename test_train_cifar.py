@@ -1,6 +1,6 @@
 """Tests of train_cifar.py: end-to-end runs, resume, clean stops, the deferred loss check, the
-compiled step, two-process torchrun runs (gloo), the batched augmentation, and bench.py's
-training-step table.
+compiled step, two-process torchrun runs (gloo), the batched augmentation, bench.py's
+training-step table, and the STL-10 and Tiny-ImageNet loaders on small files in their real formats.
 
 Runs are tiny (a convnet of width 16 on a few hundred images) so the file stays fast on a CPU.
 """
@@ -426,3 +426,205 @@ def test_split_that_cannot_be_whitened_is_refused(flags, says):
     with pytest.raises(SystemExit) as exit_info:
         train_cifar.check_loss_shapes(args, 2)
     assert says in str(exit_info.value.code)
+
+
+# ----------------------------------------------------------------------------------------------
+# STL-10 and Tiny-ImageNet: small synthetic files in each dataset's on-disk format
+
+STL10_CLASSES = 10
+
+
+def smooth_images(n, side, gen):
+    """Blocky random uint8 images, so that the resize and the augmentations have structure to keep."""
+    cells = torch.randint(0, 256, (n, 3, side // 8, side // 8), generator=gen, dtype=torch.uint8)
+    return cells.repeat_interleave(8, 2).repeat_interleave(8, 3)
+
+
+def write_stl10(data_dir, n_train=32, n_unlabeled=96, n_test=16):
+    """data_dir/stl10_binary/ as the archive unpacks: *_X.bin holds each image as 3 planes of 96x96
+    written column by column, *_y.bin one byte per label, 1..10. Returns the images (n, 3, 96, 96)
+    and labels 0..9 of each split."""
+    folder = data_dir / "stl10_binary"
+    folder.mkdir(parents=True)
+    gen, written = torch.Generator().manual_seed(0), {}
+    for split, n in (("train", n_train), ("unlabeled", n_unlabeled), ("test", n_test)):
+        x = smooth_images(n, 96, gen)
+        (folder / f"{split}_X.bin").write_bytes(x.transpose(2, 3).contiguous().numpy().tobytes())
+        y = torch.randint(0, STL10_CLASSES, (n,), generator=gen)
+        if split != "unlabeled":
+            (folder / f"{split}_y.bin").write_bytes((y + 1).to(torch.uint8).numpy().tobytes())
+        written[split] = x, y
+    return written
+
+
+def torchvision_stl10(data_dir, split, monkeypatch):
+    """torchvision's own reader of the binary files, its checksums (of the real files) skipped."""
+    monkeypatch.setattr(torchvision.datasets.STL10, "_check_integrity", lambda self: True)
+    ds = torchvision.datasets.STL10(str(data_dir), split=split)
+    return torch.from_numpy(ds.data), torch.from_numpy(ds.labels).long()
+
+
+def test_stl10_loader_reads_the_binary_files_as_torchvision(tmp_path, monkeypatch):
+    """Pre-training images are train+unlabeled at 96x96, in torchvision's order and orientation;
+    the bank is the labelled train split and the test split, both with torchvision's labels and
+    shrunk to 64x64; --limit keeps the first N of each."""
+    write_stl10(tmp_path)
+    pretrain, bank_x, bank_y, test_x, test_y = train_cifar.load_stl10(str(tmp_path))
+    reference_pretrain, _ = torchvision_stl10(tmp_path, "train+unlabeled", monkeypatch)
+    reference_train, reference_train_y = torchvision_stl10(tmp_path, "train", monkeypatch)
+    reference_test, reference_test_y = torchvision_stl10(tmp_path, "test", monkeypatch)
+    assert pretrain.dtype == torch.uint8 and pretrain.shape == (128, 3, 96, 96)
+    assert torch.equal(pretrain, reference_pretrain)
+    assert torch.equal(bank_y, reference_train_y) and torch.equal(test_y, reference_test_y)
+    assert bank_x.shape == (32, 3, 64, 64) and test_x.shape == (16, 3, 64, 64) and bank_x.dtype == torch.uint8
+    assert torch.equal(bank_x, train_cifar.stl10_eval_images(reference_train))
+    assert torch.equal(test_x, train_cifar.stl10_eval_images(reference_test))
+    limited = train_cifar.load_stl10(str(tmp_path), limit=40)
+    assert [len(t) for t in limited] == [40, 32, 32, 16, 16]
+    assert torch.equal(limited[0], pretrain[:40])
+
+
+def test_stl10_eval_images_match_pil_resize_and_centre_crop():
+    """The evaluation transform on uint8 tensors matches the released one on PIL images (Resize(70,
+    bicubic), CenterCrop(64)) to rounding: PIL resamples in two passes with a uint8 rounding and
+    clamp between them where torch keeps floats, which moves a pixel by one level now and then and
+    by a few at clamped overshoots; the mean stays well under half a level."""
+    from PIL import Image
+
+    x = smooth_images(8, 96, torch.Generator().manual_seed(1))
+    ours = train_cifar.stl10_eval_images(x)
+    released = torchvision.transforms.Compose([torchvision.transforms.Resize(70, interpolation=3),
+                                               torchvision.transforms.CenterCrop(64)])
+    reference = torch.stack([torchvision.transforms.functional.pil_to_tensor(
+        released(Image.fromarray(image.permute(1, 2, 0).numpy()))) for image in x])
+    diff = (ours.int() - reference.int()).abs()
+    assert ours.shape == reference.shape == (8, 3, 64, 64)
+    assert diff.float().mean() < 0.5 and (diff > 1).float().mean() < 0.02
+
+
+TINY_WNIDS = ["n03", "n01", "n04", "n02"]  # not in sorted order: labels follow the sorted folder names
+TINY_COLOURS = {"n01": (200, 40, 40), "n02": (40, 200, 40), "n03": (40, 40, 200), "n04": (200, 200, 40)}
+
+
+def write_tiny_imagenet(data_dir, per_class=16, n_val=16):
+    """data_dir/tiny-imagenet-200/ as the archive unpacks: train/<wnid>/images/<wnid>_<k>.JPEG beside
+    <wnid>_boxes.txt, val/images/val_<k>.JPEG and val/val_annotations.txt (file, wnid, box), wnids.txt.
+    Each image is its class's colour under a blocky texture of mean zero, so a loaded label can be
+    checked against the pixels; one train image of n01 is a grayscale JPEG, as some of the real ones are."""
+    from PIL import Image
+
+    root, gen = data_dir / "tiny-imagenet-200", torch.Generator().manual_seed(0)
+
+    def image_of(wnid):
+        texture = smooth_images(1, 64, gen)[0].float() / 255 * 60 - 30
+        pixels = (torch.tensor(TINY_COLOURS[wnid]).view(3, 1, 1) + texture).round().clamp(0, 255).to(torch.uint8)
+        return Image.fromarray(pixels.permute(1, 2, 0).numpy())
+
+    for wnid in TINY_WNIDS:
+        (root / "train" / wnid / "images").mkdir(parents=True)
+        (root / "train" / wnid / f"{wnid}_boxes.txt").write_text("")
+        for k in range(per_class):
+            image = image_of(wnid)
+            image = image.convert("L") if (wnid, k) == ("n01", 0) else image
+            image.save(root / "train" / wnid / "images" / f"{wnid}_{k}.JPEG")
+    (root / "val" / "images").mkdir(parents=True)
+    classes = [TINY_WNIDS[(7 * k) % len(TINY_WNIDS)] for k in range(n_val)]
+    for k, wnid in enumerate(classes):
+        image_of(wnid).save(root / "val" / "images" / f"val_{k}.JPEG")
+    (root / "val" / "val_annotations.txt").write_text(
+        "".join(f"val_{k}.JPEG\t{wnid}\t0\t0\t63\t63\n" for k, wnid in enumerate(classes)))
+    (root / "wnids.txt").write_text("".join(f"{wnid}\n" for wnid in TINY_WNIDS))
+
+
+def label_from_colour(images):
+    """Each image's class, read from its mean colour: the index of the nearest class colour in sorted wnid order."""
+    colours = torch.tensor([TINY_COLOURS[wnid] for wnid in sorted(TINY_WNIDS)]).float()
+    return torch.cdist(images.float().mean((2, 3)), colours).argmin(1)
+
+
+def test_tiny_imagenet_loader_labels_train_folders_and_val_annotations(tmp_path):
+    """train/ is labelled by its sorted folder names and val/ by val_annotations.txt; every image is
+    decoded to uint8 (3, 64, 64), a grayscale JPEG as RGB; train images come one class at a time
+    in turn, so --limit 8 still spans all four classes."""
+    write_tiny_imagenet(tmp_path)
+    train_x, train_y, val_x, val_y = train_cifar.load_tiny_imagenet(str(tmp_path))
+    assert train_x.shape == (64, 3, 64, 64) and val_x.shape == (16, 3, 64, 64) and train_x.dtype == torch.uint8
+    gray = (train_x[:, 0] == train_x[:, 1]).all((1, 2)) & (train_x[:, 1] == train_x[:, 2]).all((1, 2))
+    assert gray.sum() == 1 and train_y[gray].item() == sorted(TINY_WNIDS).index("n01")
+    assert torch.equal(train_y[~gray], label_from_colour(train_x[~gray]))
+    assert torch.equal(val_y, label_from_colour(val_x))
+    assert torch.equal(torch.bincount(train_y), torch.full((4,), 16))
+    assert sorted(train_cifar.load_tiny_imagenet(str(tmp_path), limit=8)[1].tolist()) == [0, 0, 1, 1, 2, 2, 3, 3]
+
+
+def training_view_shapes(monkeypatch):
+    """Record the shape of every batch of training views the run makes."""
+    real_augment, shapes = train_cifar.augment, []
+
+    def recording_augment(*args):
+        views = real_augment(*args)
+        shapes.append(tuple(views.shape))
+        return views
+
+    monkeypatch.setattr(train_cifar, "augment", recording_augment)
+    return shapes
+
+
+SMALL_RUN = ["--arch", "convnet", "--width", "16", "--batch-size", "64", "--epochs", "1", "--probe-epochs", "3"]
+
+
+@pytest.mark.parametrize("dataset", ["stl10", "tiny-imagenet"])
+def test_stl10_and_tiny_imagenet_train_one_epoch(tmp_path, monkeypatch, dataset):
+    """A 1-epoch run on each dataset's files trains on 64x64 views (STL-10's cut from its 96x96
+    images), normalises with the released constants, and evaluates on its labelled splits."""
+    (write_stl10 if dataset == "stl10" else write_tiny_imagenet)(tmp_path / "data")
+    shapes = training_view_shapes(monkeypatch)
+    result = train_cifar.main(["--dataset", dataset, "--data-dir", str(tmp_path / "data"), *SMALL_RUN,
+                               "--out", str(tmp_path / "run")])
+    assert result["status"] == "done"
+    assert shapes == [(128, 3, 64, 64)] * (2 if dataset == "stl10" else 1)  # 128 (STL-10) or 64 images, 2 views
+    normalize = result["model"]["encoder"][0]
+    assert torch.equal(normalize.mean.flatten(), torch.tensor(train_cifar.DATASETS[dataset]["mean"]))
+    row = read_log(result["out"])[0]
+    assert math.isfinite(row["loss"]) and 0 <= row["knn5_top1"] <= 1 and 0 <= row["linear_top1"] <= 1
+
+
+@pytest.mark.parametrize("dataset,side,maxpool", [("cifar10", 32, False), ("stl10", 64, True), ("tiny-imagenet", 64, True)])
+def test_resnet18_stem_reaches_layer4_at_4x4(dataset, side, maxpool):
+    """ResNet-18's stem as the released code builds it: a 3x3 stride-1 conv for every dataset, the
+    max-pool dropped for CIFAR's 32x32 images and kept for 64x64 ones, so layer4 sees 4x4 maps."""
+    args = train_cifar.resolve_config(["--dataset", dataset])
+    model = train_cifar.build_model(args, torch.zeros(3), torch.ones(3))
+    backbone = model["encoder"][1]
+    assert backbone.conv1.kernel_size == (3, 3) and backbone.conv1.stride == (1, 1)
+    assert isinstance(backbone.maxpool, torch.nn.MaxPool2d) == maxpool
+    seen = []
+    backbone.layer4.register_forward_hook(lambda module, inputs, output: seen.append(output.shape[-2:]))
+    model.eval()
+    assert model["encoder"](torch.rand(2, 3, side, side)).shape == (2, 512)
+    assert seen == [(4, 4)]
+
+
+def test_view_size_follows_the_dataset_unless_given():
+    """STL-10's views default to 64x64, the rest to the images' own size; --view-size overrides."""
+    assert train_cifar.resolve_config(["--dataset", "stl10"]).view_size == 64
+    assert train_cifar.resolve_config(["--dataset", "cifar10"]).view_size is None
+    args = train_cifar.resolve_config(["--dataset", "cifar10", "--view-size", "24"])
+    x = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    assert views_of(x, args, torch.Generator().manual_seed(0)).shape == (4, 3, 24, 24)
+
+
+def test_missing_stl10_or_tiny_imagenet_is_one_message(tmp_path, monkeypatch):
+    """Without the files (and, for STL-10, without network) the run exits with one error line that
+    says where to put them, and creates no run directory."""
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(torchvision.datasets, "STL10", offline)
+    for dataset, says in (("stl10", "stl10_binary.tar.gz"), ("tiny-imagenet", "tiny-imagenet-200.zip")):
+        with pytest.raises(SystemExit) as exit_info:
+            train_cifar.main(["--dataset", dataset, "--data-dir", str(tmp_path), "--out", str(tmp_path / "run")])
+        message = str(exit_info.value.code)
+        assert message.startswith("error:") and says in message and str(tmp_path) in message
+        assert "\n" not in message
+    assert not (tmp_path / "run").exists()
