@@ -20,10 +20,13 @@ The images stay on the device as uint8 and all views of a batch are made there i
 so no DataLoader runs in the hot loop. Everything random in a step (data order, augmentation, group
 partitions) is drawn from the run's generator outside the step and passed in as tensors: the step
 itself is a pure tensor function, which is what --compile compiles (off by default: not yet verified
-on a GPU) and what makes --resume continue a run exactly. Two departures from torchvision's
-augmentations, for batching: colour jitter applies its four parts in a fixed order (brightness,
-contrast, saturation, hue), and the hue shift is a rotation of the chroma plane in YIQ space rather
-than a shift of H in HSV.
+on a GPU) and what makes --resume continue a run exactly. Departures from the released augmentation
+(torchvision's, image by image), for batching: colour jitter applies its four parts in a fixed order
+(brightness, contrast, saturation, hue) and after the crop rather than before it; the hue shift is a
+rotation of the chroma plane in YIQ space rather than a shift of H in HSV, which moves pixels about
+30% further for the same hue strength; the crop's boxes are continuous rather than whole pixels and
+resampled bilinearly rather than bicubically. test_train_cifar.py compares the views with
+torchvision's; docs/results.md gives the sizes of these departures.
 
 Under torchrun each process takes batch-size / N images of every step from one shared data order
 and whitens them on its own, with its own views and group partitions, as the released code and
