@@ -143,6 +143,8 @@ def resolve_config(argv):
     # the dataset's view size (None: the images' own)
     if args["view_size"] is None:
         args["view_size"] = DATASETS.get(args["dataset"], {}).get("view_size")
+    elif args["view_size"] < 1:
+        sys.exit(f"error: --view-size must be at least 1, got {args['view_size']}")
     for key in ("epochs", "batch_size", "views", "check_every", "eval_every", "save_every"):
         if args[key] < (2 if key == "views" else 1):
             sys.exit(f"error: --{key.replace('_', '-')} must be at least {2 if key == 'views' else 1}, got {args[key]}")
@@ -285,6 +287,8 @@ def tiny_imagenet_files(root):
     annotations = os.path.join(val_dir, "val_annotations.txt")
     val = []
     for number, line in enumerate(pathlib.Path(annotations).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
         name, wnid = line.split("\t")[:2]
         if wnid not in label:
             sys.exit(f"error: {annotations}:{number} names class {wnid}, which has no folder in {train_dir}")
