@@ -142,9 +142,6 @@ def trainer_commands():
                 yield from commands_in(page, line, variables)
         for span in re.findall(r"`([^`]*python train_cifar\.py[^`]*)`", re.sub(r"```.*?```", "", text, flags=re.S)):
             yield from commands_in(page, span.replace("\n", " "), {})
-        # the flags a dataset this script does not load would need (paper-to-code.md's last table)
-        for span in re.findall(r"`(--views [^`]*)`", text):
-            yield page, shlex.split(span)
 
 
 def commands_in(page, text, variables):

@@ -13,16 +13,20 @@ epoch's evaluation, the checkpoint and the learning rate as named functions.
     python train_cifar.py --groups 4                                  # CIFAR-10, GPU
     python train_cifar.py --dataset fashion-mnist --arch convnet --crop-scale 0.5 1   # CPU, no download
     python train_cifar.py --method wmse | --method plain              # W-MSE / no whitening
+    python train_cifar.py --dataset stl10 | --dataset tiny-imagenet   # 64x64 views, README's datasets table
     torchrun --nproc_per_node 4 train_cifar.py --groups 4             # data parallel on 4 GPUs
 
 The images stay on the device as uint8 and all views of a batch are made there in one batched call,
 so no DataLoader runs in the hot loop. Everything random in a step (data order, augmentation, group
 partitions) is drawn from the run's generator outside the step and passed in as tensors: the step
 itself is a pure tensor function, which is what --compile compiles (off by default: not yet verified
-on a GPU) and what makes --resume continue a run exactly. Two departures from torchvision's
-augmentations, for batching: colour jitter applies its four parts in a fixed order (brightness,
-contrast, saturation, hue), and the hue shift is a rotation of the chroma plane in YIQ space rather
-than a shift of H in HSV.
+on a GPU) and what makes --resume continue a run exactly. Departures from the released augmentation
+(torchvision's, image by image), for batching: colour jitter applies its four parts in a fixed order
+(brightness, contrast, saturation, hue) and after the crop rather than before it; the hue shift is a
+rotation of the chroma plane in YIQ space rather than a shift of H in HSV, which moves pixels about
+30% further for the same hue strength; the crop's boxes are continuous rather than whole pixels and
+resampled bilinearly rather than bicubically. test_train_cifar.py compares the views with
+torchvision's; docs/results.md gives the sizes of these departures.
 
 Under torchrun each process takes batch-size / N images of every step from one shared data order
 and whitens them on its own, with its own views and group partitions, as the released code and
@@ -36,7 +40,9 @@ checkpoint holds the corrupted weights. images/s counts source images (not views
 training, excluding evaluation. Measured speeds and accuracies are in docs/results.md.
 """
 
-import argparse, datetime, gzip, json, math, os, pathlib, shlex, signal, struct, sys, time
+import argparse, datetime, gzip, itertools, json, math, os, pathlib, shlex, signal, struct, sys, time
+import numpy as np
+import PIL.Image
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -51,8 +57,8 @@ def build_parser():
     p = argparse.ArgumentParser(description="CW-RGP self-supervised pre-training")
     arg = p.add_argument
     # data
-    arg("--dataset", choices=["cifar10", "cifar100", "fashion-mnist", "fake"], default="cifar10")
-    arg("--data-dir", default="./data")
+    arg("--dataset", choices=["cifar10", "cifar100", "stl10", "tiny-imagenet", "fashion-mnist", "fake"], default="cifar10")
+    arg("--data-dir", default="./data", help="holds cifar-*-batches-py/, stl10_binary/ or tiny-imagenet-200/")
     arg("--limit", type=int, help="use only the first N train (and test) images")
     # model
     arg("--arch", choices=["resnet18", "convnet"], default="resnet18")
@@ -76,6 +82,8 @@ def build_parser():
     arg("--drop-at", type=int, nargs="*", help="lr drops this many epochs before the end", default=[50, 25])
     arg("--drop-factor", type=float, default=0.2)
     # augmentation (per view)
+    arg("--view-size", type=int, help="side of the training views, the crop's output (default 64 for stl10, "
+        "else the images' own side)")
     arg("--crop-scale", type=float, nargs=2, default=[0.2, 1.0])
     arg("--crop-ratio", type=float, nargs=2, default=[3 / 4, 4 / 3])
     arg("--flip-p", type=float, default=0.5)
@@ -109,6 +117,15 @@ def build_parser():
 METHOD_DEFAULTS = {  # emb, groups, sub_batch, whitening
     "cwrgp": (512, 4, 64, "zca"), "wmse": (64, 1, 128, "cholesky"), "plain": (512, None, None, None)}
 
+# What the released data code (W-MSE's datasets/stl10.py and tiny_in.py, followed by CW-RGP's base/)
+# does beyond the CIFAR recipe: views cropped to 64x64, the ResNet-18 stem's max-pool kept (only
+# CIFAR drops it), and fixed normalisation constants. A dataset not listed here takes its views at
+# the images' own size, no max-pool, and the mean and std of its training images.
+DATASETS = {
+    "stl10": {"view_size": 64, "maxpool": True, "mean": (0.43, 0.42, 0.39), "std": (0.27, 0.26, 0.27)},
+    "tiny-imagenet": {"view_size": 64, "maxpool": True, "mean": (0.480, 0.448, 0.398), "std": (0.277, 0.269, 0.282)},
+}
+
 
 def resolve_config(argv):
     parser = build_parser()
@@ -123,6 +140,11 @@ def resolve_config(argv):
         args = {**vars(parser.parse_args(argv)), "out": args["resume"]}
     for key, value in zip(("emb", "groups", "sub_batch", "whiten"), METHOD_DEFAULTS[args["method"]]):
         args[key] = value if args[key] is None else args[key]
+    # the dataset's view size (None: the images' own)
+    if args["view_size"] is None:
+        args["view_size"] = DATASETS.get(args["dataset"], {}).get("view_size")
+    elif args["view_size"] < 1:
+        sys.exit(f"error: --view-size must be at least 1, got {args['view_size']}")
     for key in ("epochs", "batch_size", "views", "check_every", "eval_every", "save_every"):
         if args[key] < (2 if key == "views" else 1):
             sys.exit(f"error: --{key.replace('_', '-')} must be at least {2 if key == 'views' else 1}, got {args[key]}")
@@ -168,7 +190,130 @@ def load_cifar(name, data_dir):
     return out
 
 
+STL10_URL = "https://cs.stanford.edu/~acoates/stl10/"
+STL10_SIDE = 96
+
+
+def read_stl10_images(path, out):
+    """Fill the uint8 (n, 3, 96, 96) tensor `out` with the first n images of an STL-10 *_X.bin file,
+    which stores each image as 3 planes of 96x96 written column by column: h and w are swapped back.
+    Read in chunks, so the file is never in memory twice."""
+    per_image = 3 * STL10_SIDE * STL10_SIDE
+    if os.path.getsize(path) % per_image or os.path.getsize(path) < len(out) * per_image:
+        sys.exit(f"error: {path} is not {len(out)} or more STL-10 images of {per_image} bytes: "
+                 f"download and unpack stl10_binary.tar.gz again ({STL10_URL})")
+    if not len(out):
+        return out
+    raw = np.memmap(path, dtype=np.uint8, mode="r", shape=(len(out), 3, STL10_SIDE, STL10_SIDE))
+    for i in range(0, len(out), 4096):
+        out[i:i + 4096] = torch.from_numpy(np.array(raw[i:i + 4096])).transpose(2, 3)
+    return out
+
+
+def stl10_count(path):
+    return os.path.getsize(path) // (3 * STL10_SIDE * STL10_SIDE)
+
+
+def read_stl10_labels(path, n):
+    labels = torch.from_numpy(np.fromfile(path, dtype=np.uint8, count=n)).long() - 1  # 1..10 on disk
+    if len(labels) != n:
+        sys.exit(f"error: {path} holds {len(labels)} labels for {n} images: download and unpack "
+                 f"stl10_binary.tar.gz again ({STL10_URL})")
+    return labels
+
+
+def stl10_eval_images(x, chunk=1000):
+    """The released evaluation transform, once at load time: 96x96 -> resize to 70 (bicubic, with
+    PIL's antialiasing) -> centre crop 64, uint8 in and out."""
+    out = []
+    for part in x.split(chunk):
+        small = F.interpolate(part.float(), size=(70, 70), mode="bicubic", antialias=True, align_corners=False)
+        out.append(small[:, :, 3:67, 3:67].round().clamp(0, 255).to(torch.uint8))  # CenterCrop's top-left is round(6 / 2)
+    return torch.cat(out)
+
+
+def load_stl10(data_dir, limit=None):
+    """(pre-training images, bank images, bank labels, test images, test labels). Pre-training takes
+    train+unlabeled at 96x96 (105k images: 2.9 GB as uint8); the kNN bank and the linear probe take
+    the 5k labelled train images, and the test split its 8k, both at 64x64 (the evaluation
+    transform). The binary files are read directly: torchvision's STL10 only downloads them."""
+    folder = os.path.join(data_dir, "stl10_binary")
+    files = {name: os.path.join(folder, f"{name}.bin") for name in ("train_X", "train_y", "unlabeled_X", "test_X", "test_y")}
+    if not all(map(os.path.exists, files.values())):
+        try:
+            torchvision.datasets.STL10(data_dir, split="train", download=True)
+        except Exception as e:  # no network, proxy, partial file: the fix is the same, so say it once
+            sys.exit(f"error: could not get stl10 into {data_dir} ({type(e).__name__}: {e}). Download "
+                     f"stl10_binary.tar.gz from {STL10_URL}, unpack it into {data_dir} (so that {files['train_X']} "
+                     f"exists), and rerun.")
+    n_train, n_unlabeled, n_test = (min(stl10_count(files[f"{split}_X"]), limit or math.inf)
+                                    for split in ("train", "unlabeled", "test"))
+    images = lambda n: torch.empty(n, 3, STL10_SIDE, STL10_SIDE, dtype=torch.uint8)
+    pretrain = images(min(n_train + n_unlabeled, limit or math.inf))  # train first, as torchvision's train+unlabeled
+    read_stl10_images(files["train_X"], pretrain[:n_train])
+    read_stl10_images(files["unlabeled_X"], pretrain[n_train:])
+    test = read_stl10_images(files["test_X"], images(n_test))
+    return (pretrain, stl10_eval_images(pretrain[:n_train]), read_stl10_labels(files["train_y"], n_train),
+            stl10_eval_images(test), read_stl10_labels(files["test_y"], n_test))
+
+
+TINY_IMAGENET_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
+
+
+def decode_jpegs(paths, side=64):
+    """One uint8 (n, 3, side, side) tensor, filled in place (1.2 GB for Tiny-ImageNet's 100k train
+    images, never held twice); grayscale JPEGs become RGB, as PIL's convert("RGB") in the released code."""
+    out = torch.empty(len(paths), 3, side, side, dtype=torch.uint8)
+    for i, path in enumerate(paths):
+        with PIL.Image.open(path) as image:
+            pixels = torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)
+        if pixels.shape != out.shape[1:]:
+            sys.exit(f"error: {path} is {tuple(pixels.shape[1:])}, not {side}x{side}: Tiny-ImageNet's images are "
+                     f"all {side}x{side}; unzip {TINY_IMAGENET_URL} again")
+        out[i] = pixels
+    return out
+
+
+def tiny_imagenet_files(root):
+    """([(train JPEG, label)], [(val JPEG, label)]). Classes are the train/ folders in sorted order
+    (ImageFolder's labels); val/ is the archive's images/ folder and val_annotations.txt, whose
+    lines name each file's class. Train images are taken one of every class in turn, so that the
+    first --limit N images span the classes."""
+    train_dir, val_dir = os.path.join(root, "train"), os.path.join(root, "val")
+    classes = sorted(entry.name for entry in os.scandir(train_dir) if entry.is_dir())
+    label = {wnid: k for k, wnid in enumerate(classes)}
+    per_class = [sorted(pathlib.Path(train_dir, wnid).rglob("*.JPEG")) for wnid in classes]
+    train = [(str(path), k) for row in itertools.zip_longest(*per_class) for k, path in enumerate(row) if path]
+    annotations = os.path.join(val_dir, "val_annotations.txt")
+    val = []
+    for number, line in enumerate(pathlib.Path(annotations).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        name, wnid = line.split("\t")[:2]
+        if wnid not in label:
+            sys.exit(f"error: {annotations}:{number} names class {wnid}, which has no folder in {train_dir}")
+        val.append((os.path.join(val_dir, "images", name), label[wnid]))
+    return train, val
+
+
+def load_tiny_imagenet(data_dir, limit=None):
+    """(train images, train labels, val images, val labels): pre-training, the kNN bank and the
+    linear probe all take train (100k, 64x64, 200 classes), the test is val (10k)."""
+    root = os.path.join(data_dir, "tiny-imagenet-200")
+    if not (os.path.isdir(os.path.join(root, "train")) and os.path.exists(os.path.join(root, "val", "val_annotations.txt"))):
+        sys.exit(f"error: {root} has no train/ and val/val_annotations.txt: download {TINY_IMAGENET_URL} and "
+                 f"unzip it into {data_dir}, or give the folder that holds tiny-imagenet-200/ as --data-dir")
+    out = []
+    for split in tiny_imagenet_files(root):
+        split = split[:limit]
+        out += [decode_jpegs([path for path, _ in split]), torch.tensor([k for _, k in split])]
+    return out
+
+
 def load_data(args, device):
+    """(pre-training images, (bank images, bank labels, test images, test labels)) on the device, all
+    uint8 (n, c, h, w) and int64. The pre-training images are the bank's own tensor except for STL-10,
+    which pre-trains on its unlabeled images too, at full size."""
     if args.dataset == "fake":
         g = torch.Generator().manual_seed(args.seed)
         n = args.limit or 512
@@ -178,11 +323,16 @@ def load_data(args, device):
         splits = x[:n], y[:n], x[n:], y[n:]
     elif args.dataset == "fashion-mnist":
         splits = load_fashion_mnist(args.data_dir)
+    elif args.dataset == "stl10":
+        pretrain, *splits = load_stl10(args.data_dir, args.limit)
+    elif args.dataset == "tiny-imagenet":
+        splits = load_tiny_imagenet(args.data_dir, args.limit)
     else:
         splits = load_cifar(args.dataset, args.data_dir)
     if args.limit:
         splits = [t[:args.limit] for t in splits]
-    return [t.to(device) for t in splits]
+    splits = [t.to(device) for t in splits]
+    return (pretrain.to(device) if args.dataset == "stl10" else splits[0]), splits
 
 
 # ----------------------------------------------------------------------------------------------
@@ -203,7 +353,8 @@ def gray(x):
 
 
 def augment(x, noise, cfg):
-    """(n, c, h, w) uint8 images and (n, AUGMENT_DRAWS) uniforms -> (n, c, h, w) float views."""
+    """(n, c, h, w) uint8 images and (n, AUGMENT_DRAWS) uniforms -> (n, c, s, s) float views, s =
+    cfg.view_size (None: (n, c, h, w), the images' own size)."""
     n, c, h, w = x.shape
     area_u, ratio_u = noise[:, :10], noise[:, 10:20]
     flip_u, dx_u, dy_u, on_u, bright_u, contrast_u, sat_u, hue_u, gray_u = noise[:, 20:].unbind(1)
@@ -221,7 +372,9 @@ def augment(x, noise, cfg):
     flip = torch.where(flip_u < cfg.flip_p, -1.0, 1.0)
     zero = torch.zeros_like(cw)
     theta = torch.stack([cw * flip, zero, (2 * dx_u - 1) * (1 - cw), zero, ch, (2 * dy_u - 1) * (1 - ch)], 1)
-    grid = F.affine_grid(theta.view(n, 2, 3), (n, c, h, w), align_corners=False)
+    # The grid's size is the view's: the crop box is resampled onto view_size x view_size points.
+    size = (cfg.view_size, cfg.view_size) if cfg.view_size else (h, w)
+    grid = F.affine_grid(theta.view(n, 2, 3), (n, c, *size), align_corners=False)
     x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
     # Colour jitter with probability jitter_p; skipped images get the identity factors.
     on = (on_u < cfg.jitter_p).float()
@@ -261,11 +414,15 @@ class Normalize(nn.Module):
         return (x - self.mean) / self.std
 
 
-def resnet18(channels):
+def resnet18(channels, maxpool=False):
     net = torchvision.models.resnet18(zero_init_residual=True)
-    # CIFAR variant: a 3x3 stride-1 stem and no max-pool keep 32x32 inputs from shrinking too early
+    # A 3x3 stride-1 stem keeps small inputs from shrinking too early. The released code drops the
+    # max-pool too for CIFAR's 32x32 images and keeps it for 64x64 ones (STL-10, Tiny-ImageNet):
+    # both reach layer4 at 4x4.
     net.conv1 = nn.Conv2d(channels, 64, 3, 1, 1, bias=False)
-    net.maxpool, net.fc = nn.Identity(), nn.Identity()
+    net.fc = nn.Identity()
+    if not maxpool:
+        net.maxpool = nn.Identity()
     return net, 512
 
 
@@ -288,7 +445,8 @@ class Pretrainer(nn.ModuleDict):
 
 
 def build_model(args, mean, std):
-    backbone, features = resnet18(len(mean)) if args.arch == "resnet18" else convnet(len(mean), args.width)
+    maxpool = DATASETS.get(args.dataset, {}).get("maxpool", False)
+    backbone, features = resnet18(len(mean), maxpool) if args.arch == "resnet18" else convnet(len(mean), args.width)
     encoder = nn.Sequential(Normalize(mean, std), backbone)
     projector = nn.Sequential(nn.Linear(features, args.hidden), nn.BatchNorm1d(args.hidden),
                               nn.ReLU(inplace=True), nn.Linear(args.hidden, args.emb))
@@ -691,6 +849,15 @@ def init_distributed(args):
     return dist.get_rank(), dist.get_world_size(), device
 
 
+def normalization(args, train_x):
+    """The encoder's input mean and std per channel: the released constants where the dataset has
+    them, else those of the training images."""
+    if args.dataset in DATASETS:
+        return [torch.tensor(DATASETS[args.dataset][key], device=train_x.device) for key in ("mean", "std")]
+    pixels = train_x.float() / 255
+    return pixels.mean((0, 2, 3)), pixels.std((0, 2, 3))
+
+
 def start_run(args):
     """Everything before the first step. A run that cannot start exits here with a message, before
     its directory is created."""
@@ -700,14 +867,12 @@ def start_run(args):
     torch.backends.cudnn.benchmark = device.type == "cuda"
     check_loss_shapes(args, world)
     torch.manual_seed(args.seed)
-    data = load_data(args, device)
-    steps_per_epoch = len(data[0]) // args.batch_size
+    pretrain_x, data = load_data(args, device)
+    steps_per_epoch = len(pretrain_x) // args.batch_size
     if steps_per_epoch == 0:
-        sys.exit(f"error: {len(data[0])} training images is less than one batch of {args.batch_size}: "
+        sys.exit(f"error: {len(pretrain_x)} training images is less than one batch of {args.batch_size}: "
                  f"lower --batch-size or raise --limit")
-    pixels = data[0].float() / 255
-    model = build_model(args, pixels.mean((0, 2, 3)), pixels.std((0, 2, 3))).to(device)
-    del pixels
+    model = build_model(args, *normalization(args, pretrain_x)).to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     # Fused Adam: one kernel for all parameters on CUDA; on the CPU, too, it is several times faster
@@ -718,8 +883,8 @@ def start_run(args):
     gen = order_gen if world == 1 else torch.Generator(device=device).manual_seed(args.seed + 1 + rank)
     # BatchNorm stays per process (and per view): DDP averages the gradients, nothing else.
     net = model if world == 1 else DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    run = argparse.Namespace(rank=rank, world=world, device=device, data=data, model=model, net=net, opt=opt,
-                             order_gen=order_gen, gen=gen, ckpt_path=os.path.join(args.out, "ckpt.pt"),
+    run = argparse.Namespace(rank=rank, world=world, device=device, pretrain_x=pretrain_x, data=data, model=model,
+                             net=net, opt=opt, order_gen=order_gen, gen=gen, ckpt_path=os.path.join(args.out, "ckpt.pt"),
                              steps_per_epoch=steps_per_epoch, forward=compile_step(args, device))
     run.st = load_checkpoint(run) if args.resume else new_state()
     return run
@@ -727,7 +892,7 @@ def start_run(args):
 
 def train(run, args):
     """The training loop, from run.st["step"] to the last epoch's evaluation."""
-    st, steps_per_epoch, train_x, share = run.st, run.steps_per_epoch, run.data[0], args.batch_size // run.world
+    st, steps_per_epoch, train_x, share = run.st, run.steps_per_epoch, run.pretrain_x, args.batch_size // run.world
     timer, clock = Timer(run.device), Clock(st["elapsed"])
     if run.rank == 0:
         print(HEADER)
