@@ -52,7 +52,10 @@ def test_fake_end_to_end(tmp_path):
     assert log[0]["linear_top1"] is None and 0 <= log[1]["linear_top1"] <= 1
     with open(os.path.join(result["out"], "config.json")) as f:
         assert json.load(f)["groups"] == 4
-    assert sorted(os.listdir(result["out"])) == ["ckpt.pt", "config.json", "log.jsonl"]
+    assert sorted(os.listdir(result["out"])) == ["ckpt-prev.pt", "ckpt.pt", "config.json", "log.jsonl"]
+    steps = [torch.load(os.path.join(result["out"], name), weights_only=True)["state"]["step"]
+             for name in ("ckpt-prev.pt", "ckpt.pt")]
+    assert steps == [4, 8]  # the previous epoch's checkpoint is kept beside the last
 
 
 @pytest.mark.parametrize("method", ["wmse", "plain"])
@@ -75,32 +78,98 @@ def test_fashion_mnist_end_to_end(tmp_path):
     assert 0 <= row["knn5_top1"] <= 1 and math.isfinite(row["loss"])
 
 
-def test_resume_continues_identically(tmp_path, monkeypatch):
-    """Ctrl-C mid-epoch saves a checkpoint, and --resume from it ends with exactly the weights and
-    log of an uninterrupted run."""
-    straight = run(tmp_path, "straight", "--epochs", "2")
+def signal_at_call(monkeypatch, owner, name, call, before=True):
+    """Send this process SIGINT during the given call (counted from 1) of owner.name: before the
+    real call runs, or just after it returns."""
+    real, calls = getattr(owner, name), [0]
 
-    real_augment, calls = train_cifar.augment, [0]
-
-    def interrupt_at_step_6(*args):
+    def signalling(*args, **kwargs):
         calls[0] += 1
-        if calls[0] == 6:  # one call (all views) per step: step 6 of 8, in the second epoch
-            raise KeyboardInterrupt
-        return real_augment(*args)
+        if before and calls[0] == call:
+            os.kill(os.getpid(), signal.SIGINT)
+        out = real(*args, **kwargs)
+        if not before and calls[0] == call:
+            os.kill(os.getpid(), signal.SIGINT)
+        return out
 
-    monkeypatch.setattr(train_cifar, "augment", interrupt_at_step_6)
-    interrupted = run(tmp_path, "resumed", "--epochs", "2")
-    assert interrupted["status"] == "interrupted"
-    assert len(read_log(interrupted["out"])) == 1
-    monkeypatch.setattr(train_cifar, "augment", real_augment)
-    resumed = train_cifar.main(["--resume", interrupted["out"]])
-    assert resumed["status"] == "done"
+    monkeypatch.setattr(owner, name, signalling)
 
-    a, b = straight["model"].state_dict(), resumed["model"].state_dict()
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+def assert_same_run(a, b):
+    """Same parameters and buffers (BatchNorm running statistics and counts included), and the same
+    log (kNN included) but for the timings."""
+    sa, sb = a["model"].state_dict(), b["model"].state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
     timing = {"images_per_s", "elapsed_s", "train_s"}
     strip = lambda log: [{k: v for k, v in row.items() if k not in timing} for row in log]
-    assert strip(read_log(straight["out"])) == strip(read_log(resumed["out"]))
+    assert strip(read_log(a["out"])) == strip(read_log(b["out"]))
+
+
+@pytest.mark.parametrize("where", ["forward", "after_optimizer_step"])
+def test_resume_continues_identically(tmp_path, monkeypatch, where):
+    """Ctrl-C during step 6's forward pass (in the loss, BatchNorm already updated), or between its optimiser step and
+    the step counter, stops after that step with weights, optimiser, BatchNorm statistics and
+    counter saved together; --resume then ends bit-identical to an uninterrupted run, BatchNorm
+    statistics and kNN included."""
+    straight = run(tmp_path, "straight", "--epochs", "2")
+    with monkeypatch.context() as patch:
+        if where == "forward":  # after the encoder and projector, BatchNorm updated: call 1 is the start's check
+            signal_at_call(patch, train_cifar, "compute_loss", 7)
+        else:
+            signal_at_call(patch, torch.optim.Adam, "step", 6, before=False)
+        interrupted = run(tmp_path, "resumed", "--epochs", "2")
+    assert interrupted["status"] == "interrupted"
+    assert len(read_log(interrupted["out"])) == 1
+    saved = torch.load(os.path.join(interrupted["out"], "ckpt.pt"), weights_only=True)
+    assert saved["state"]["step"] == 6
+    assert saved["model"]["encoder.1.1.num_batches_tracked"] == 2 * 6  # one forward per view and step taken
+    resumed = train_cifar.main(["--resume", interrupted["out"]])
+    assert resumed["status"] == "done"
+    assert_same_run(straight, resumed)
+
+
+def test_second_ctrl_c_stops_at_once_without_saving(tmp_path, monkeypatch, capsys):
+    """A second Ctrl-C in the same step stops there and then, saving nothing: the last checkpoint
+    (epoch 1's) is kept as it was, and the message says so."""
+    real_augment, calls = train_cifar.augment, [0]
+
+    def twice_at_step_6(*args):
+        calls[0] += 1
+        if calls[0] == 6:
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_augment(*args)
+
+    monkeypatch.setattr(train_cifar, "augment", twice_at_step_6)
+    result = run(tmp_path, "twice", "--epochs", "3")
+    assert result["status"] == "interrupted"
+    assert "the last checkpoint, at step 4, is kept" in capsys.readouterr().err
+    assert_kept_epoch_1(result["out"])
+
+
+def test_ctrl_c_during_evaluation_stops_at_once(tmp_path, monkeypatch):
+    """Ctrl-C during an epoch's evaluation stops at once, saving the epoch's boundary without its
+    row; the resume evaluates that epoch again and ends as an uninterrupted run."""
+    straight = run(tmp_path, "straight", "--epochs", "2")
+    with monkeypatch.context() as patch:
+        real_knn, calls = train_cifar.knn_top1, [0]
+
+        def interrupted_knn(*args, **kwargs):
+            calls[0] += 1
+            if calls[0] == 3:  # epoch 2's first kNN
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(1)  # a long evaluation: the signal must not wait for its end
+                raise AssertionError("the evaluation went on after Ctrl-C")
+            return real_knn(*args, **kwargs)
+
+        patch.setattr(train_cifar, "knn_top1", interrupted_knn)
+        stopped = run(tmp_path, "resumed", "--epochs", "2")
+    assert stopped["status"] == "interrupted"
+    saved = torch.load(os.path.join(stopped["out"], "ckpt.pt"), weights_only=True)["state"]
+    assert saved["step"] == 8 and saved["epochs_logged"] == 1 and len(saved["log"]) == 1
+    resumed = train_cifar.main(["--resume", stopped["out"]])
+    assert resumed["status"] == "done"
+    assert_same_run(straight, resumed)
 
 
 def test_resume_extends_finished_run(tmp_path):
@@ -200,15 +269,7 @@ def test_interrupt_after_unchecked_nan_does_not_save(tmp_path, monkeypatch):
     """Ctrl-C after a NaN loss that no check has read yet stops as the check would have, and does
     not overwrite the last good checkpoint with the corrupted weights."""
     fail_at_step(monkeypatch, 6, "nan")
-    real_augment, calls = train_cifar.augment, [0]
-
-    def interrupt_at_step_7(*args):
-        calls[0] += 1
-        if calls[0] == 7:
-            raise KeyboardInterrupt
-        return real_augment(*args)
-
-    monkeypatch.setattr(train_cifar, "augment", interrupt_at_step_7)
+    signal_at_call(monkeypatch, train_cifar, "augment", 7)
     result = run(tmp_path, "i", "--epochs", "3", "--check-every", "50")
     assert result["status"] == "nonfinite" and "at step 6 (epoch 2)" in result["message"]
     assert_kept_epoch_1(result["out"])
