@@ -161,8 +161,8 @@ def check_flags(args):
         value = args[key]
         values = value if isinstance(value, list) else [] if value is None else [value]
         if any(v < lowest or (open_low and v == lowest) or (highest is not None and v > highest) for v in values):
-            given = " ".join(map(str, values))
-            sys.exit(f"error: --{key.replace('_', '-')} {given}: each value must be {describe_range(lowest, highest, open_low)}")
+            given, each = " ".join(map(str, values)), "each value " if isinstance(value, list) else ""
+            sys.exit(f"error: --{key.replace('_', '-')} {given}: {each}must be {describe_range(lowest, highest, open_low)}")
     for key in ORDERED:
         if args[key][0] > args[key][1]:
             sys.exit(f"error: --{key.replace('_', '-')} {args[key][0]} {args[key][1]}: give the low end first")
