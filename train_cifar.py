@@ -124,12 +124,15 @@ def build_parser():
 METHOD_DEFAULTS = {  # emb, groups, sub_batch, whitening
     "cwrgp": (512, 4, 64, "zca"), "wmse": (64, 1, 128, "cholesky"), "plain": (512, None, None, None)}
 
-# The flags that define a run: its data, network, loss, optimisation, augmentation and randomness.
-# A resume keeps them, since its checkpoint, its data order and its log only make sense with them;
-# every other flag (epochs, evaluation, saving, device, threads, compilation, checks) may change.
+# The flags that define a run: its data, network, loss and its whitening's shape, batch,
+# augmentation and randomness. A resume keeps them, since its checkpoint, its data order and its
+# log only make sense with them. Every other flag may change: those of RESCHEDULING change how the
+# run goes on from its checkpoint (a lower --lr or an --eps after a non-finite loss, an lr drop),
+# and a resume says so; the rest (epochs, evaluation, saving, device, threads, compilation, checks)
+# change nothing but the schedule's length and what is measured.
 DEFINING = ("dataset", "limit", "arch", "width", "hidden", "emb", "method", "views", "groups", "sub_batch", "whiten",
-            "eps", "iters", "batch_size", "lr", "wd", "warmup", "drop_at", "drop_factor", "crop_scale", "crop_ratio",
-            "flip_p", "jitter", "jitter_p", "gray_p", "seed")
+            "iters", "batch_size", "crop_scale", "crop_ratio", "flip_p", "jitter", "jitter_p", "gray_p", "seed")
+RESCHEDULING = ("lr", "wd", "warmup", "drop_at", "drop_factor", "eps")
 
 # The valid range of every numeric flag, each value of a multi-value flag checked alike:
 # (lowest, highest, whether the lowest itself is refused); None is unbounded.
@@ -231,11 +234,15 @@ def drop_epochs(args):
 
 
 def note_schedule_change(saved, args):
+    """Say, on a resume, what changes how the run goes on from its checkpoint."""
+    for key in RESCHEDULING:
+        if key in saved and saved[key] != args[key]:
+            print(f"note: --{key.replace('_', '-')} {show_value(args[key])} (the run had {show_value(saved[key])}) "
+                  f"applies from the checkpoint on; config.json records the new value", file=sys.stderr)
     if "epochs" in saved and drop_epochs(saved) != drop_epochs(args):
         show = lambda epochs: ", ".join(map(str, epochs)) or "none"
-        print(f"note: --epochs {args['epochs']} (the run had {saved['epochs']}) moves the lr drops (--drop-at "
-              f"{show_value(args['drop_at'])} epochs before the end) from epochs {show(drop_epochs(saved))} to "
-              f"{show(drop_epochs(args))}", file=sys.stderr)
+        print(f"note: the lr drops (--drop-at {show_value(args['drop_at'])} epochs before the end of "
+              f"{args['epochs']}) move from epochs {show(drop_epochs(saved))} to {show(drop_epochs(args))}", file=sys.stderr)
 
 
 def resolve_config(argv):
@@ -662,6 +669,7 @@ def save_checkpoint(run, gen_states, elapsed):
     is whole on disk, so a kill at any point leaves at least one checkpoint that loads."""
     all_gen_states = gather_states(run, gen_states)
     if run.rank:
+        run.saved_step = run.st["step"]  # as rank 0's, so that all processes skip or repeat a save alike
         return
     run.st["elapsed"] = elapsed
     ck = {"format": CHECKPOINT_FORMAT, "model": run.model.state_dict(), "opt": run.opt.state_dict(),
@@ -766,10 +774,11 @@ def stop_nonfinite(run, args, step, reason, alone=False):
     weights, possibly updated from that loss, are not saved. Printed by rank 0, or by this process
     if it stops `alone`."""
     if args.method == "plain":
-        cause = "the network diverged; try a new run with a lower --lr"
+        cause = "the network diverged; try a lower --lr (a resume may lower it)"
     else:
         fewer = "a smaller --sub-batch or fewer --groups" if args.method == "cwrgp" else "a larger --sub-batch or more --groups"
-        cause = f"rank-deficient whitening; try a new run with --eps 1e-4 or {fewer} (or a lower --lr, if the network diverged)"
+        cause = (f"rank-deficient whitening; try --eps 1e-4 (a resume may add it), or in a new run {fewer} "
+                 f"(or a lower --lr, if the network diverged)")
     kept = f"Kept the last checkpoint in {args.out}" if os.path.exists(run.ckpt_path) else "No checkpoint was saved yet"
     msg = (f"stopped: non-finite loss at step {step + 1} (epoch {step // run.steps_per_epoch + 1}): {reason}. "
            f"Likely cause: {cause}. {kept}.")
