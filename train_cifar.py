@@ -30,6 +30,12 @@ W-MSE do: the sub-batches are drawn within a process's share. DistributedDataPar
 gradients; BatchNorm statistics stay per process (and per view). Rank 0 evaluates, logs and saves;
 Ctrl-C or SIGTERM stops all processes at the same step, within --check-every steps, and saves once.
 
+Ctrl-C and SIGTERM are requests that the loop acts on between steps (StopSignals), so a checkpoint
+always holds the weights, optimiser, BatchNorm statistics and step counter of one step; the one
+before it is kept as ckpt-prev.pt, for a resume to fall back on should the last be damaged. A
+resume keeps the flags that define the run (DEFINING) and refuses another value for them before
+anything is written; every numeric flag is checked against its range in FLAG_RANGES.
+
 The loss is read back every --check-every steps rather than every step, so the device is not made to
 wait for the host; a non-finite loss still stops the run within that many steps, before any
 checkpoint holds the corrupted weights. images/s counts source images (not views) per second of
