@@ -212,11 +212,13 @@ def resume_config(argv, given):
     path = os.path.join(run_dir, "config.json")
     if not os.path.exists(path):
         sys.exit(f"error: {path} does not exist: --resume takes the directory of a run that has started")
-    if "out" in given:
+    if "out" in given and os.path.abspath(given["out"]) != os.path.abspath(run_dir):
         sys.exit(f"error: --resume {run_dir} continues the run in its own directory: drop --out (or drop "
                  f"--resume to start a new run in {given['out']})")
-    with open(path) as f:
-        saved = json.load(f)
+    try:
+        saved = json.loads(pathlib.Path(path).read_text())
+    except ValueError as e:
+        sys.exit(f"error: {path} is not the JSON config.json the trainer writes ({e}); restore it, or start a new run with --out DIR")
     parser = build_parser()
     parser.set_defaults(**saved)  # a key the run predates keeps the parser's default
     args = vars(parser.parse_args(argv))
@@ -268,8 +270,8 @@ def resolve_config(argv):
 
 
 def check_new_directory(out):
-    """A new run never writes over another run's files."""
-    held = [name for name in RUN_FILES if os.path.exists(os.path.join(out, name))]
+    """A new run never writes over another run's log or checkpoints (a config.json alone is no run)."""
+    held = [name for name in RUN_FILES[1:] if os.path.exists(os.path.join(out, name))]
     if held:
         sys.exit(f"error: --out {out} already holds a run ({', '.join(held)}): continue it with --resume {out}, "
                  f"or choose another --out")
@@ -634,7 +636,7 @@ def new_epoch(steps_per_epoch, device):
             "timed_steps": 0, "stable_rank": None, "lr": None, "spectra": {}}
 
 
-RUN_FILES = ("config.json", "log.jsonl", "ckpt.pt", "ckpt-prev.pt")
+RUN_FILES = ("config.json", "log.jsonl", "ckpt.pt", "ckpt-prev.pt")  # config.json first: alone, it is no run yet
 # 2 adds this key to format 1 (one generator state per process, "gens"); format 0 had one, "gen".
 CHECKPOINT_FORMAT, READABLE_FORMATS = 2, (1, 2)
 
@@ -700,7 +702,7 @@ def load_checkpoint(run):
         try:
             st = restore_checkpoint(run, torch.load(path, map_location=run.device, weights_only=True), path)
         except Exception as e:  # a truncated or corrupted file fails in the unpickler, the zip reader or a state dict
-            failures.append(f"{path} is damaged ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
+            failures.append(f"{path} is damaged ({type(e).__name__}: {first_sentence(str(e))})")
             continue
         if failures and run.rank == 0:
             print(f"warning: {failures[0]}; resuming from {path} at step {st['step']} "
@@ -710,6 +712,10 @@ def load_checkpoint(run):
     if len(paths) == 1 and paths[0] == run.ckpt_path:
         failures.append(f"there is no {os.path.basename(run.prev_path)} to fall back to")
     sys.exit("error: " + "; ".join(failures) + ": the run cannot be resumed; start a new one with --out DIR")
+
+
+def first_sentence(text):
+    return (text.strip().splitlines() or [""])[0].split(". ")[0]
 
 
 def restore_checkpoint(run, ck, path):
@@ -1119,7 +1125,7 @@ def start_directory(run, args, argv):
 
 def remove_if_unstarted(out):
     """A new run that stopped before its first logged epoch or checkpoint leaves no directory."""
-    if any(os.path.exists(os.path.join(out, name)) for name in RUN_FILES if name != "config.json"):
+    if any(os.path.exists(os.path.join(out, name)) for name in RUN_FILES[1:]):
         return
     for name in ("config.json", "config.json.tmp", "ckpt.pt.tmp"):
         if os.path.exists(os.path.join(out, name)):
