@@ -249,6 +249,10 @@ def test_damaged_last_checkpoint_falls_back_to_previous(tmp_path, capsys):
     a, b = first["model"].state_dict(), resumed["model"].state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert torch.load(out / "ckpt-prev.pt", weights_only=True)["state"]["step"] == 4  # the good one stays
+    os.remove(out / "ckpt.pt")  # as a kill between a save's two renames leaves it
+    capsys.readouterr()
+    assert train_cifar.main(["--resume", str(out), "--epochs", "2"])["status"] == "done"
+    assert f"{out / 'ckpt.pt'} is missing; resuming from {out / 'ckpt-prev.pt'} at step 4" in capsys.readouterr().err
     for name in ("ckpt.pt", "ckpt-prev.pt"):
         (out / name).write_bytes(b"not a checkpoint")
     with pytest.raises(SystemExit) as exit_info:
@@ -441,21 +445,23 @@ def numeric_flags():
 
 
 def bad_values(key):
-    """Values just outside a flag's range in FLAG_RANGES, each as the flag's argv."""
+    """(argv, the range the message must name) for values just outside a flag's FLAG_RANGES entry."""
     lowest, highest, open_low = train_cifar.FLAG_RANGES[key]
     values = [lowest - 1] + ([lowest] if open_low else []) + ([highest + 0.5] if highest is not None else [])
     count = numeric_flags()[key] or 1
     count = 1 if count == "*" else count
-    return [[f"--{key.replace('_', '-')}", *[str(v)] * count] for v in values]
+    says = train_cifar.describe_range(lowest, highest, open_low)
+    return [([f"--{key.replace('_', '-')}", *[str(v)] * count], says) for v in values]
 
 
-BAD_FLAGS = [argv for key in sorted(train_cifar.FLAG_RANGES) for argv in bad_values(key)] + [
-    ["--warmup", "-1"], ["--lr", "-0.1"], ["--wd", "-1e-6"], ["--probe-lr", "0"], ["--flip-p", "1.5"],
-    ["--gray-p", "-0.1"], ["--crop-scale", "1", "0.5"], ["--crop-ratio", "2", "1"], ["--jitter", "0.4", "0.4", "0.4", "0.6"],
-    ["--device", "gpu"], ["--device", "cuda:99"], ["--device", "tpu"], ["--epochs", "ten"], ["--dataset", "mnist"],
-    ["--batch-size", "64", "--sub-batch", "48"]]
+BAD_FLAGS = [case for key in sorted(train_cifar.FLAG_RANGES) for case in bad_values(key)] + [
+    (["--lr", "-0.1"], "greater than 0"), (["--gray-p", "-0.1"], "in [0, 1]"),
+    (["--crop-scale", "1", "0.5"], "low end first"), (["--crop-ratio", "2", "1"], "low end first"),
+    (["--jitter", "0.4", "0.4", "0.4", "0.6"], "at most 0.5"), (["--device", "gpu"], "auto, cpu, cuda, cuda:N or mps"),
+    (["--device", "cuda:99"], "cuda"), (["--device", "tpu"], "auto, cpu, cuda"), (["--epochs", "ten"], "invalid int"),
+    (["--dataset", "mnist"], "invalid choice"), (["--batch-size", "64", "--sub-batch", "48"], "sub-batches of 48")]
 if not torch.cuda.is_available():
-    BAD_FLAGS.append(["--device", "cuda"])
+    BAD_FLAGS.append((["--device", "cuda"], "no CUDA device"))
 
 
 def test_every_numeric_flag_has_a_range():
@@ -463,15 +469,15 @@ def test_every_numeric_flag_has_a_range():
     assert set(numeric_flags()) == set(train_cifar.FLAG_RANGES)
 
 
-@pytest.mark.parametrize("flags", BAD_FLAGS, ids=" ".join)
-def test_bad_flag_is_one_error_line(tmp_path, flags):
-    """Every flag value out of its range exits with one "error:" line that names the flag (and,
-    where it is a range, the range), never a traceback, before any run directory exists."""
+@pytest.mark.parametrize("flags,says", BAD_FLAGS, ids=[" ".join(flags) for flags, _ in BAD_FLAGS])
+def test_bad_flag_is_one_error_line(tmp_path, flags, says):
+    """Every flag value out of its range exits with one "error:" line that names the flag and what
+    is valid (the range, the order, the devices), never a traceback, before any run directory exists."""
     with pytest.raises(SystemExit) as exit_info:
         run(tmp_path, "bad", "--epochs", "1", *flags)
     message = str(exit_info.value.code)
     assert message.startswith("error:") and "\n" not in message
-    assert flags[-2 if flags[0] == "--batch-size" else 0].lstrip("-").split("-")[0] in message
+    assert flags[-2 if flags[0] == "--batch-size" else 0] in message and says in message
     assert not (tmp_path / "bad").exists()
 
 

@@ -697,7 +697,8 @@ def load_checkpoint(run):
     paths = [path for path in (run.ckpt_path, run.prev_path) if os.path.exists(path)]
     if not paths:
         sys.exit(f"error: {run.ckpt_path} does not exist: the run stopped before its first checkpoint")
-    failures = []
+    # No ckpt.pt beside a ckpt-prev.pt: the process was killed between the two renames of a save.
+    failures = [] if paths[0] == run.ckpt_path else [f"{run.ckpt_path} is missing"]
     for path in paths:
         try:
             st = restore_checkpoint(run, torch.load(path, map_location=run.device, weights_only=True), path)
