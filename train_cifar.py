@@ -786,6 +786,7 @@ def stop_nonfinite(run, args, step, reason, alone=False):
     """The message and result of a run stopped by a non-finite loss at `step` (counted from 0); the
     weights, possibly updated from that loss, are not saved. Printed by rank 0, or by this process
     if it stops `alone`."""
+    run.progress.clear()
     if args.method == "plain":
         cause = "the network diverged; try a lower --lr (a resume may lower it)"
     else:
