@@ -6,9 +6,11 @@ Runs are tiny (a convnet of width 16 on a few hundred images) so the file stays 
 """
 
 import importlib.util
+import io
 import json
 import math
 import os
+import pathlib
 import signal
 import subprocess
 import sys
@@ -54,7 +56,10 @@ def test_fake_end_to_end(tmp_path):
     assert log[0]["linear_top1"] is None and 0 <= log[1]["linear_top1"] <= 1
     with open(os.path.join(result["out"], "config.json")) as f:
         assert json.load(f)["groups"] == 4
-    assert sorted(os.listdir(result["out"])) == ["ckpt.pt", "config.json", "log.jsonl"]
+    assert sorted(os.listdir(result["out"])) == ["ckpt-prev.pt", "ckpt.pt", "config.json", "log.jsonl"]
+    steps = [torch.load(os.path.join(result["out"], name), weights_only=True)["state"]["step"]
+             for name in ("ckpt-prev.pt", "ckpt.pt")]
+    assert steps == [4, 8]  # the previous epoch's checkpoint is kept beside the last
 
 
 @pytest.mark.parametrize("method", ["wmse", "plain"])
@@ -77,32 +82,98 @@ def test_fashion_mnist_end_to_end(tmp_path):
     assert 0 <= row["knn5_top1"] <= 1 and math.isfinite(row["loss"])
 
 
-def test_resume_continues_identically(tmp_path, monkeypatch):
-    """Ctrl-C mid-epoch saves a checkpoint, and --resume from it ends with exactly the weights and
-    log of an uninterrupted run."""
-    straight = run(tmp_path, "straight", "--epochs", "2")
+def signal_at_call(monkeypatch, owner, name, call, before=True):
+    """Send this process SIGINT during the given call (counted from 1) of owner.name: before the
+    real call runs, or just after it returns."""
+    real, calls = getattr(owner, name), [0]
 
-    real_augment, calls = train_cifar.augment, [0]
-
-    def interrupt_at_step_6(*args):
+    def signalling(*args, **kwargs):
         calls[0] += 1
-        if calls[0] == 6:  # one call (all views) per step: step 6 of 8, in the second epoch
-            raise KeyboardInterrupt
-        return real_augment(*args)
+        if before and calls[0] == call:
+            os.kill(os.getpid(), signal.SIGINT)
+        out = real(*args, **kwargs)
+        if not before and calls[0] == call:
+            os.kill(os.getpid(), signal.SIGINT)
+        return out
 
-    monkeypatch.setattr(train_cifar, "augment", interrupt_at_step_6)
-    interrupted = run(tmp_path, "resumed", "--epochs", "2")
-    assert interrupted["status"] == "interrupted"
-    assert len(read_log(interrupted["out"])) == 1
-    monkeypatch.setattr(train_cifar, "augment", real_augment)
-    resumed = train_cifar.main(["--resume", interrupted["out"]])
-    assert resumed["status"] == "done"
+    monkeypatch.setattr(owner, name, signalling)
 
-    a, b = straight["model"].state_dict(), resumed["model"].state_dict()
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+def assert_same_run(a, b):
+    """Same parameters and buffers (BatchNorm running statistics and counts included), and the same
+    log (kNN included) but for the timings."""
+    sa, sb = a["model"].state_dict(), b["model"].state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
     timing = {"images_per_s", "elapsed_s", "train_s"}
     strip = lambda log: [{k: v for k, v in row.items() if k not in timing} for row in log]
-    assert strip(read_log(straight["out"])) == strip(read_log(resumed["out"]))
+    assert strip(read_log(a["out"])) == strip(read_log(b["out"]))
+
+
+@pytest.mark.parametrize("where", ["forward", "after_optimizer_step"])
+def test_resume_continues_identically(tmp_path, monkeypatch, where):
+    """Ctrl-C during step 6's forward pass (in the loss, BatchNorm already updated), or between its optimiser step and
+    the step counter, stops after that step with weights, optimiser, BatchNorm statistics and
+    counter saved together; --resume then ends bit-identical to an uninterrupted run, BatchNorm
+    statistics and kNN included."""
+    straight = run(tmp_path, "straight", "--epochs", "2")
+    with monkeypatch.context() as patch:
+        if where == "forward":  # after the encoder and projector, BatchNorm updated: call 1 is the start's check
+            signal_at_call(patch, train_cifar, "compute_loss", 7)
+        else:
+            signal_at_call(patch, torch.optim.Adam, "step", 6, before=False)
+        interrupted = run(tmp_path, "resumed", "--epochs", "2")
+    assert interrupted["status"] == "interrupted"
+    assert len(read_log(interrupted["out"])) == 1
+    saved = torch.load(os.path.join(interrupted["out"], "ckpt.pt"), weights_only=True)
+    assert saved["state"]["step"] == 6
+    assert saved["model"]["encoder.1.1.num_batches_tracked"] == 2 * 6  # one forward per view and step taken
+    resumed = train_cifar.main(["--resume", interrupted["out"]])
+    assert resumed["status"] == "done"
+    assert_same_run(straight, resumed)
+
+
+def test_second_ctrl_c_stops_at_once_without_saving(tmp_path, monkeypatch, capsys):
+    """A second Ctrl-C in the same step stops there and then, saving nothing: the last checkpoint
+    (epoch 1's) is kept as it was, and the message says so."""
+    real_augment, calls = train_cifar.augment, [0]
+
+    def twice_at_step_6(*args):
+        calls[0] += 1
+        if calls[0] == 6:
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_augment(*args)
+
+    monkeypatch.setattr(train_cifar, "augment", twice_at_step_6)
+    result = run(tmp_path, "twice", "--epochs", "3")
+    assert result["status"] == "interrupted"
+    assert "the last checkpoint, at step 4, is kept" in capsys.readouterr().err
+    assert_kept_epoch_1(result["out"])
+
+
+def test_ctrl_c_during_evaluation_stops_at_once(tmp_path, monkeypatch):
+    """Ctrl-C during an epoch's evaluation stops at once, saving the epoch's boundary without its
+    row; the resume evaluates that epoch again and ends as an uninterrupted run."""
+    straight = run(tmp_path, "straight", "--epochs", "2")
+    with monkeypatch.context() as patch:
+        real_knn, calls = train_cifar.knn_top1, [0]
+
+        def interrupted_knn(*args, **kwargs):
+            calls[0] += 1
+            if calls[0] == 4:  # epoch 2's first kNN (each evaluation runs three: 200-NN, 5-NN, L2 5-NN)
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(1)  # a long evaluation: the signal must not wait for its end
+                raise AssertionError("the evaluation went on after Ctrl-C")
+            return real_knn(*args, **kwargs)
+
+        patch.setattr(train_cifar, "knn_top1", interrupted_knn)
+        stopped = run(tmp_path, "resumed", "--epochs", "2")
+    assert stopped["status"] == "interrupted"
+    saved = torch.load(os.path.join(stopped["out"], "ckpt.pt"), weights_only=True)["state"]
+    assert saved["step"] == 8 and saved["epochs_logged"] == 1 and len(saved["log"]) == 1
+    resumed = train_cifar.main(["--resume", stopped["out"]])
+    assert resumed["status"] == "done"
+    assert_same_run(straight, resumed)
 
 
 def test_resume_extends_finished_run(tmp_path):
@@ -113,6 +184,119 @@ def test_resume_extends_finished_run(tmp_path):
     log = read_log(first["out"])
     assert [row["epoch"] for row in log] == [1, 2] and all(row.keys() == EPOCH_KEYS for row in log)
     assert all(0 <= row["linear_top1"] <= 1 for row in log)
+
+
+# A value other than the run's for every flag that defines a run (TINY on fake data).
+CHANGED = {"dataset": ["cifar10"], "limit": ["256"], "arch": ["resnet18"], "width": ["32"], "hidden": ["512"],
+           "emb": ["256"], "method": ["wmse"], "views": ["3"], "groups": ["2"], "sub_batch": ["32"], "whiten": ["pca"],
+           "iters": ["2"], "batch_size": ["64"], "view_size": ["16"], "crop_scale": ["0.5", "1.0"], "crop_ratio": ["1.0", "1.0"],
+           "flip_p": ["0.0"], "jitter": ["0.0", "0.0", "0.0", "0.0"], "jitter_p": ["0.0"], "gray_p": ["0.0"],
+           "seed": ["1"]}
+
+
+def file_bytes(out):
+    return {name: (pathlib.Path(out) / name).read_bytes() for name in sorted(os.listdir(out))}
+
+
+def test_resume_refuses_a_change_to_a_defining_flag(tmp_path, capsys):
+    """A resume that changes any flag that defines the run exits with one line naming the flag, the
+    run's value, the new one and --out, before anything is written: config, log and checkpoints are
+    untouched, and a plain resume still finishes the run."""
+    assert set(CHANGED) == set(train_cifar.DEFINING)
+    out = run(tmp_path, "r", "--epochs", "2", "--probe-epochs", "0")["out"]
+    config = json.loads((pathlib.Path(out) / "config.json").read_text())
+    before = file_bytes(out)
+    for key, values in CHANGED.items():
+        flag = "--" + key.replace("_", "-")
+        with pytest.raises(SystemExit) as exit_info:
+            train_cifar.main(["--resume", out, "--epochs", "3", flag, *values])
+        message = str(exit_info.value.code)
+        saved = " ".join(map(str, config[key])) if isinstance(config[key], list) else str(config[key])
+        assert message.startswith("error:") and "\n" not in message, key
+        assert f"{flag} {' '.join(values)} (the run has {saved})" in message and "--out" in message, key
+        assert file_bytes(out) == before, key
+    same = train_cifar.main(["--resume", out, "--epochs", "3", "--batch-size", "128"])  # the run's own value
+    assert same["status"] == "done" and [row["epoch"] for row in read_log(out)] == [1, 2, 3]
+
+
+def test_resume_with_new_cadence_rewrites_config_and_notes_schedule(tmp_path, capsys):
+    """Flags that do not define the run may change on resume and are written to config.json; a new
+    schedule flag, and more epochs that move the lr drops, say so."""
+    out = run(tmp_path, "c", "--epochs", "1", "--probe-epochs", "0", "--drop-at", "1")["out"]
+    capsys.readouterr()
+    result = train_cifar.main(["--resume", out, "--epochs", "2", "--eval-every", "2", "--check-every", "3",
+                               "--drop-factor", "0.5"])
+    assert result["status"] == "done"
+    err = capsys.readouterr().err
+    assert "the lr drops (--drop-at 1 epochs before the end of 2) move from epochs none to 1" in err
+    assert "--drop-factor 0.5 (the run had 0.2) applies from the checkpoint on" in err
+    config = json.loads((pathlib.Path(out) / "config.json").read_text())
+    assert (config["epochs"], config["eval_every"], config["check_every"], config["drop_factor"]) == (2, 2, 3, 0.5)
+    assert read_log(out)[1]["lr"] == pytest.approx(3e-3 * 0.5 * 8 / 500)  # epoch 2's last step: dropped once, warming up
+
+
+def test_damaged_last_checkpoint_falls_back_to_previous(tmp_path, capsys):
+    """A truncated ckpt.pt: the resume says so and continues from ckpt-prev.pt (epoch 1), ending as
+    the run did; the damaged file is replaced, not kept as the previous one. With both damaged, the
+    resume is refused in one line."""
+    first = run(tmp_path, "d", "--epochs", "2", "--probe-epochs", "0")
+    out = pathlib.Path(first["out"])
+    whole = (out / "ckpt.pt").read_bytes()
+    (out / "ckpt.pt").write_bytes(whole[:len(whole) // 2])
+    capsys.readouterr()
+    resumed = train_cifar.main(["--resume", str(out), "--epochs", "2"])
+    err = capsys.readouterr().err
+    assert f"{out / 'ckpt.pt'} is damaged" in err and f"resuming from {out / 'ckpt-prev.pt'} at step 4" in err
+    assert resumed["status"] == "done" and [row["epoch"] for row in read_log(out)] == [1, 2]
+    a, b = first["model"].state_dict(), resumed["model"].state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert torch.load(out / "ckpt-prev.pt", weights_only=True)["state"]["step"] == 4  # the good one stays
+    os.remove(out / "ckpt.pt")  # as a kill between a save's two renames leaves it
+    capsys.readouterr()
+    assert train_cifar.main(["--resume", str(out), "--epochs", "2"])["status"] == "done"
+    assert f"{out / 'ckpt.pt'} is missing; resuming from {out / 'ckpt-prev.pt'} at step 4" in capsys.readouterr().err
+    for name in ("ckpt.pt", "ckpt-prev.pt"):
+        (out / name).write_bytes(b"not a checkpoint")
+    with pytest.raises(SystemExit) as exit_info:
+        train_cifar.main(["--resume", str(out), "--epochs", "3"])
+    message = str(exit_info.value.code)
+    assert message.startswith("error:") and "\n" not in message and "ckpt-prev.pt is damaged" in message
+
+
+def test_checkpoint_of_another_format_is_refused_by_name(tmp_path):
+    """A checkpoint of the format before per-process generators (one "gen") is refused with its
+    format named, not a KeyError."""
+    out = pathlib.Path(run(tmp_path, "f", "--epochs", "1", "--probe-epochs", "0")["out"])
+    ck = torch.load(out / "ckpt.pt", weights_only=True)
+    old = {key: value for key, value in ck.items() if key not in ("format", "gens")}
+    torch.save({**old, "gen": ck["gens"][0][0]}, out / "ckpt.pt")
+    with pytest.raises(SystemExit) as exit_info:
+        train_cifar.main(["--resume", str(out), "--epochs", "2"])
+    assert "checkpoint of format 0" in str(exit_info.value.code)
+
+
+def test_sigkill_then_resume_logs_every_epoch_once(tmp_path):
+    """A run killed with SIGKILL (no handler runs) and resumed logs every epoch exactly once and ends
+    as an uninterrupted run: the log is rewritten from the checkpoint, and epochs logged after it
+    are logged again."""
+    out = tmp_path / "kill"
+    command = [sys.executable, "train_cifar.py", "--dataset", "fake", "--limit", "512", *TINY, "--probe-epochs", "0",
+               "--epochs", "1000", "--save-every", "2", "--eval-every", "100", "--threads", "1", "--out", str(out)]
+    process = subprocess.Popen(command, cwd=os.path.dirname(os.path.abspath(__file__)), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while process.poll() is None and time.monotonic() < deadline and not (
+            (out / "log.jsonl").exists() and len((out / "log.jsonl").read_text().splitlines()) >= 3):
+        time.sleep(0.05)
+    process.kill()
+    process.communicate(timeout=60)
+    logged = len((out / "log.jsonl").read_text().splitlines())
+    epochs = str(logged + 1)
+    resumed = train_cifar.main(["--resume", str(out), "--epochs", epochs])
+    assert resumed["status"] == "done"
+    assert [row["epoch"] for row in read_log(out)] == list(range(1, logged + 2))
+    straight = run(tmp_path, "straight", "--probe-epochs", "0", "--eval-every", "100", "--epochs", epochs)
+    assert_same_run(straight, resumed)
 
 
 def test_resume_of_finished_run_says_how_to_continue(tmp_path, capsys):
@@ -128,16 +312,20 @@ def test_resume_of_finished_run_says_how_to_continue(tmp_path, capsys):
     assert {name: os.path.getmtime(os.path.join(first["out"], name)) for name in os.listdir(first["out"])} == before
 
 
-def test_readme_figures_from_a_run(tmp_path):
+def test_readme_figures_from_a_run(tmp_path, capsys):
     """The README's last step: docs/figures.py draws training.png and spectrum.png into a run's
-    directory from its log (needs matplotlib, docs/requirements.txt)."""
+    directory from its log (needs matplotlib, docs/requirements.txt), skipping, with a word, a
+    directory that has no log yet."""
     pytest.importorskip("matplotlib")
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "docs", "figures.py")
     spec = importlib.util.spec_from_file_location("figures", path)
     figures = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(figures)
     out = run(tmp_path, "fig", "--epochs", "2", "--probe-epochs", "0")["out"]
-    figures.main([out])
+    (tmp_path / "unlogged").mkdir()
+    (tmp_path / "unlogged" / "config.json").write_text((pathlib.Path(out) / "config.json").read_text())
+    figures.main([str(tmp_path / "unlogged"), out])  # a directory with no log is skipped, with a word
+    assert f"skipped {tmp_path / 'unlogged'}: no log.jsonl" in capsys.readouterr().out
     for name in ("training.png", "spectrum.png"):
         with open(os.path.join(out, name), "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
@@ -202,15 +390,7 @@ def test_interrupt_after_unchecked_nan_does_not_save(tmp_path, monkeypatch):
     """Ctrl-C after a NaN loss that no check has read yet stops as the check would have, and does
     not overwrite the last good checkpoint with the corrupted weights."""
     fail_at_step(monkeypatch, 6, "nan")
-    real_augment, calls = train_cifar.augment, [0]
-
-    def interrupt_at_step_7(*args):
-        calls[0] += 1
-        if calls[0] == 7:
-            raise KeyboardInterrupt
-        return real_augment(*args)
-
-    monkeypatch.setattr(train_cifar, "augment", interrupt_at_step_7)
+    signal_at_call(monkeypatch, train_cifar, "augment", 7)
     result = run(tmp_path, "i", "--epochs", "3", "--check-every", "50")
     assert result["status"] == "nonfinite" and "at step 6 (epoch 2)" in result["message"]
     assert_kept_epoch_1(result["out"])
@@ -241,6 +421,138 @@ def test_failed_start_creates_no_run_directory(tmp_path, flags, says):
         run(tmp_path, "bad", "--epochs", "1", *flags)
     assert says in str(exit_info.value.code)
     assert not (tmp_path / "bad").exists()
+
+
+def test_failed_first_steps_leave_no_run_directory(tmp_path, monkeypatch):
+    """A new run stopped by a non-finite loss before anything of it was saved removes the directory
+    it made (config.json alone would only break figures.py and --resume)."""
+    fail_at_step(monkeypatch, 2, "nan")
+    result = run(tmp_path, "nan2", "--epochs", "2", "--check-every", "1")
+    assert result["status"] == "nonfinite" and "No checkpoint was saved yet" in result["message"]
+    assert not (tmp_path / "nan2").exists()
+
+
+def test_new_run_never_writes_over_another(tmp_path):
+    """--out naming a directory that holds a run is refused, pointing at --resume; its files stay."""
+    out = run(tmp_path, "held", "--epochs", "1", "--probe-epochs", "0")["out"]
+    before = file_bytes(out)
+    with pytest.raises(SystemExit) as exit_info:
+        run(tmp_path, "held", "--epochs", "1")
+    assert f"--resume {out}" in str(exit_info.value.code) and file_bytes(out) == before
+
+
+def numeric_flags():
+    parser = train_cifar.build_parser()
+    return {action.dest: action.nargs for action in parser._actions if action.type in (int, float)}
+
+
+def bad_values(key):
+    """(argv, the range the message must name) for values just outside a flag's FLAG_RANGES entry."""
+    lowest, highest, open_low = train_cifar.FLAG_RANGES[key]
+    values = [lowest - 1] + ([lowest] if open_low else []) + ([highest + 0.5] if highest is not None else [])
+    count = numeric_flags()[key] or 1
+    count = 1 if count == "*" else count
+    says = train_cifar.describe_range(lowest, highest, open_low)
+    return [([f"--{key.replace('_', '-')}", *[str(v)] * count], says) for v in values]
+
+
+BAD_FLAGS = [case for key in sorted(train_cifar.FLAG_RANGES) for case in bad_values(key)] + [
+    (["--lr", "-0.1"], "greater than 0"), (["--gray-p", "-0.1"], "in [0, 1]"),
+    (["--crop-scale", "1", "0.5"], "low end first"), (["--crop-ratio", "2", "1"], "low end first"),
+    (["--jitter", "0.4", "0.4", "0.4", "0.6"], "at most 0.5"), (["--device", "gpu"], "auto, cpu, cuda, cuda:N or mps"),
+    (["--device", "cuda:99"], "cuda"), (["--device", "tpu"], "auto, cpu, cuda"), (["--epochs", "ten"], "invalid int"),
+    (["--dataset", "mnist"], "invalid choice"), (["--batch-size", "64", "--sub-batch", "48"], "sub-batches of 48")]
+if not torch.cuda.is_available():
+    BAD_FLAGS.append((["--device", "cuda"], "no CUDA device"))
+
+
+def test_every_numeric_flag_has_a_range():
+    """FLAG_RANGES, the table the parser's values are checked against, covers every numeric flag."""
+    assert set(numeric_flags()) == set(train_cifar.FLAG_RANGES)
+
+
+@pytest.mark.parametrize("flags,says", BAD_FLAGS, ids=[" ".join(flags) for flags, _ in BAD_FLAGS])
+def test_bad_flag_is_one_error_line(tmp_path, flags, says):
+    """Every flag value out of its range exits with one "error:" line that names the flag and what
+    is valid (the range, the order, the devices), never a traceback, before any run directory exists."""
+    with pytest.raises(SystemExit) as exit_info:
+        run(tmp_path, "bad", "--epochs", "1", *flags)
+    message = str(exit_info.value.code)
+    assert message.startswith("error:") and "\n" not in message
+    assert flags[-2 if flags[0] == "--batch-size" else 0] in message and says in message
+    assert not (tmp_path / "bad").exists()
+
+
+def test_no_warmup_starts_at_the_base_rate():
+    """--warmup 0 means no warm-up: the first step has the base rate."""
+    args = train_cifar.resolve_config(["--warmup", "0", "--epochs", "10"])
+    assert train_cifar.lr_at(0, 10, args) == pytest.approx(3e-3)
+
+
+def test_data_dir_without_fashion_mnist_is_an_error(tmp_path):
+    """An explicit --data-dir that does not hold Fashion-MNIST is an error naming it, not a silent
+    fall back to the system copy; no run directory is made."""
+    with pytest.raises(SystemExit) as exit_info:
+        train_cifar.main(["--dataset", "fashion-mnist", "--data-dir", str(tmp_path / "nowhere"), *TINY,
+                          "--out", str(tmp_path / "f")])
+    assert f"--data-dir {tmp_path / 'nowhere'} does not hold Fashion-MNIST" in str(exit_info.value.code)
+    assert not (tmp_path / "f").exists()
+
+
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_progress_line(monkeypatch):
+    """On a terminal the progress line shows the epoch's step, images/s and time left, rewritten in
+    place and cleared; elsewhere a plain line, at most every PLAIN_EVERY_S seconds; nothing before
+    PROGRESS_AFTER_S seconds of an epoch, nor at its last step (its row follows)."""
+    clock = [0.0]
+    monkeypatch.setattr(train_cifar.time, "perf_counter", lambda: clock[0])
+    tty, plain = Terminal(), io.StringIO()
+    for stream in (tty, plain):
+        progress = train_cifar.Progress(stream)
+        progress.start(0)
+        clock[0] = 1.0
+        progress.show(1, 10, 100, 256)  # before PROGRESS_AFTER_S
+        clock[0] = 10.0
+        progress.show(1, 50, 100, 256)  # 0.2 s a step: 1280 img/s, 10 s left
+        clock[0] = 20.0
+        progress.show(1, 100, 100, 256)  # the epoch's last step
+        progress.clear()
+        clock[0] = 0.0
+    assert tty.getvalue() == "\r" + "epoch 1 step 50/100: 1280 img/s, 0m10s left in the epoch" + "\r" + " " * 56 + "\r"
+    assert plain.getvalue() == ""  # 10 s is less than PLAIN_EVERY_S
+    progress = train_cifar.Progress(plain)
+    progress.start(0)
+    clock[0] = 61.0
+    progress.show(1, 61, 100, 100)
+    progress.show(1, 62, 100, 100)  # not a minute after the last
+    assert plain.getvalue() == "epoch 1 step 61/100: 100 img/s, 0m39s left in the epoch\n"
+
+
+def test_progress_in_a_run_leaves_log_alone(tmp_path, monkeypatch):
+    """With a terminal on stdout and an epoch long enough, a run shows its progress at the
+    --check-every reads, and the log keeps its keys."""
+    monkeypatch.setattr(train_cifar, "PROGRESS_AFTER_S", 0.0)
+    monkeypatch.setattr(sys, "stdout", Terminal())
+    result = run(tmp_path, "p", "--epochs", "1", "--probe-epochs", "0", "--check-every", "2")
+    shown = sys.stdout.getvalue()
+    assert "\repoch 1 step 2/4:" in shown and "step 1/4" not in shown and "step 3/4" not in shown
+    assert read_log(result["out"])[0].keys() == EPOCH_KEYS
+
+
+def test_omp_wait_policy_is_passive_unless_set():
+    """Importing the trainer sets OMP_WAIT_POLICY=PASSIVE, before torch loads OpenMP, unless the
+    user chose a policy."""
+    code = "import os, train_cifar; print(os.environ['OMP_WAIT_POLICY'])"
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    unset = subprocess.run([sys.executable, "-c", code], cwd=here, env=env, capture_output=True, text=True)
+    chosen = subprocess.run([sys.executable, "-c", code], cwd=here, env={**env, "OMP_WAIT_POLICY": "ACTIVE"},
+                            capture_output=True, text=True)
+    assert (unset.stdout.strip(), chosen.stdout.strip()) == ("PASSIVE", "ACTIVE")
 
 
 def views_of(x, args, gen, views=1):

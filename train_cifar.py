@@ -34,6 +34,12 @@ W-MSE do: the sub-batches are drawn within a process's share. DistributedDataPar
 gradients; BatchNorm statistics stay per process (and per view). Rank 0 evaluates, logs and saves;
 Ctrl-C or SIGTERM stops all processes at the same step, within --check-every steps, and saves once.
 
+Ctrl-C and SIGTERM are requests that the loop acts on between steps (StopSignals), so a checkpoint
+always holds the weights, optimiser, BatchNorm statistics and step counter of one step; the one
+before it is kept as ckpt-prev.pt, for a resume to fall back on should the last be damaged. A
+resume keeps the flags that define the run (DEFINING) and refuses another value for them before
+anything is written; every numeric flag is checked against its range in FLAG_RANGES.
+
 The loss is read back every --check-every steps rather than every step, so the device is not made to
 wait for the host; a non-finite loss still stops the run within that many steps, before any
 checkpoint holds the corrupted weights. images/s counts source images (not views) per second of
@@ -41,9 +47,14 @@ training, excluding evaluation. Measured speeds and accuracies are in docs/resul
 """
 
 import argparse, datetime, gzip, itertools, json, math, os, pathlib, shlex, signal, struct, sys, time
-import numpy as np
-import PIL.Image
-import torch
+
+# OpenMP threads that spin while they wait slowed a CPU run 3x, and a loss loop 80x, on cores other
+# processes shared (docs/results.md); passive waiting costs nothing measurable on idle cores. Read
+# when torch loads its OpenMP runtime, so it must come before `import torch`; a policy the user set wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import numpy as np  # noqa: E402
+import PIL.Image  # noqa: E402
+import torch  # noqa: E402
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
@@ -53,12 +64,21 @@ from torch.nn.parallel import DistributedDataParallel
 from cwrgp import batch_whiten, channel_whiten, random_group_partition, stable_rank, whitening_loss
 
 
+DEFAULT_DATA_DIR = "./data"
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, as every other refusal of the trainer
+        sys.exit(f"error: {message} (python train_cifar.py --help lists the flags)")
+
+
 def build_parser():
-    p = argparse.ArgumentParser(description="CW-RGP self-supervised pre-training")
+    p = Parser(description="CW-RGP self-supervised pre-training")
     arg = p.add_argument
     # data
     arg("--dataset", choices=["cifar10", "cifar100", "stl10", "tiny-imagenet", "fashion-mnist", "fake"], default="cifar10")
-    arg("--data-dir", default="./data", help="holds cifar-*-batches-py/, stl10_binary/ or tiny-imagenet-200/")
+    arg("--data-dir", default=DEFAULT_DATA_DIR, help="holds cifar-*-batches-py/, stl10_binary/ or tiny-imagenet-200/ "
+        "(Fashion-MNIST: its idx files; the system copy is used if this is left at its default)")
     arg("--limit", type=int, help="use only the first N train (and test) images")
     # model
     arg("--arch", choices=["resnet18", "convnet"], default="resnet18")
@@ -78,7 +98,7 @@ def build_parser():
     arg("--batch-size", type=int, default=256)
     arg("--lr", type=float, default=3e-3)
     arg("--wd", type=float, default=1e-6)
-    arg("--warmup", type=int, help="linear warm-up steps", default=500)
+    arg("--warmup", type=int, help="linear warm-up steps (0: none)", default=500)
     arg("--drop-at", type=int, nargs="*", help="lr drops this many epochs before the end", default=[50, 25])
     arg("--drop-factor", type=float, default=0.2)
     # augmentation (per view)
@@ -99,16 +119,17 @@ def build_parser():
     arg("--probe-wd", type=float, default=5e-6)
     arg("--probe-batch", type=int, default=1000)
     # run
-    arg("--device", help="auto: cuda if present, else cpu", default="auto")
+    arg("--device", help="auto (cuda if present, else cpu), cpu, cuda, cuda:N or mps", default="auto")
     arg("--threads", type=int, help="CPU threads for torch")
     arg("--compile", action="store_true",
         help="compile the step (augmentation, encoder, projector, loss and their backward) with torch.compile; "
              "on CUDA with mode reduce-overhead (CUDA graphs). Off by default: not yet verified on a GPU")
     arg("--compile-backend", default="inductor", help="torch.compile backend; aot_eager needs no C compiler")
-    arg("--check-every", type=int, default=50, help="read the loss back (and stop on a non-finite one) every "
-        "N steps and at each epoch's end; under torchrun, also when Ctrl-C / SIGTERM takes effect")
+    arg("--check-every", type=int, default=50, help="read the loss back (and stop on a non-finite one, and "
+        "refresh the progress line) every N steps and at each epoch's end; under torchrun, also when "
+        "Ctrl-C / SIGTERM takes effect")
     arg("--seed", type=int, default=0)
-    arg("--out", help="run directory (default runs/<dataset>-<method>-<time>)")
+    arg("--out", help="run directory of a new run (default runs/<dataset>-<method>-<time>)")
     arg("--save-every", type=int, help="checkpoint every N epochs (and at the end)", default=10)
     arg("--resume", metavar="DIR", help="continue the run in DIR from its checkpoint")
     return p
@@ -126,31 +147,154 @@ DATASETS = {
     "tiny-imagenet": {"view_size": 64, "maxpool": True, "mean": (0.480, 0.448, 0.398), "std": (0.277, 0.269, 0.282)},
 }
 
+# The flags that define a run: its data, network, loss and its whitening's shape, batch,
+# augmentation and randomness. A resume keeps them, since its checkpoint, its data order and its
+# log only make sense with them. Every other flag may change: those of RESCHEDULING change how the
+# run goes on from its checkpoint (a lower --lr or an --eps after a non-finite loss, an lr drop),
+# and a resume says so; the rest (epochs, evaluation, saving, device, threads, compilation, checks)
+# change nothing but the schedule's length and what is measured.
+DEFINING = ("dataset", "limit", "arch", "width", "hidden", "emb", "method", "views", "groups", "sub_batch", "whiten",
+            "iters", "batch_size", "view_size", "crop_scale", "crop_ratio", "flip_p", "jitter", "jitter_p", "gray_p", "seed")
+RESCHEDULING = ("lr", "wd", "warmup", "drop_at", "drop_factor", "eps")
+
+# The valid range of every numeric flag, each value of a multi-value flag checked alike:
+# (lowest, highest, whether the lowest itself is refused); None is unbounded.
+AT_LEAST_1, AT_LEAST_0, POSITIVE, PROBABILITY = (1, None, False), (0, None, False), (0, None, True), (0, 1, False)
+FLAG_RANGES = {
+    "limit": AT_LEAST_1, "width": (2, None, False), "hidden": AT_LEAST_1, "emb": AT_LEAST_1, "views": (2, None, False),
+    "groups": AT_LEAST_1, "sub_batch": (2, None, False), "eps": AT_LEAST_0, "iters": AT_LEAST_1,
+    "epochs": AT_LEAST_1, "batch_size": (2, None, False), "lr": POSITIVE, "wd": AT_LEAST_0, "warmup": AT_LEAST_0,
+    "drop_at": AT_LEAST_1, "drop_factor": (0, 1, True),
+    "view_size": AT_LEAST_1, "crop_scale": (0, 1, True), "crop_ratio": POSITIVE, "flip_p": PROBABILITY, "jitter": AT_LEAST_0,
+    "jitter_p": PROBABILITY, "gray_p": PROBABILITY,
+    "eval_every": AT_LEAST_1, "knn_k": AT_LEAST_1, "knn_t": POSITIVE, "probe_epochs": AT_LEAST_0,
+    "probe_lr": POSITIVE, "probe_wd": AT_LEAST_0, "probe_batch": AT_LEAST_1,
+    "threads": AT_LEAST_1, "check_every": AT_LEAST_1, "seed": AT_LEAST_0, "save_every": AT_LEAST_1,
+}
+ORDERED = ("crop_scale", "crop_ratio")  # (low, high) pairs
+HUE_MAX = 0.5  # a hue shift of more than half a turn would wrap around
+
+
+def describe_range(lowest, highest, open_low):
+    if highest is None:
+        return f"greater than {lowest}" if open_low else f"at least {lowest}"
+    return f"in {'(' if open_low else '['}{lowest}, {highest}]"
+
+
+def check_flags(args):
+    """Exit with one line naming the first flag whose value is out of its range."""
+    for key, (lowest, highest, open_low) in FLAG_RANGES.items():
+        value = args[key]
+        values = value if isinstance(value, list) else [] if value is None else [value]
+        if any(v < lowest or (open_low and v == lowest) or (highest is not None and v > highest) for v in values):
+            given, each = " ".join(map(str, values)), "each value " if isinstance(value, list) else ""
+            sys.exit(f"error: --{key.replace('_', '-')} {given}: {each}must be {describe_range(lowest, highest, open_low)}")
+    for key in ORDERED:
+        if args[key][0] > args[key][1]:
+            sys.exit(f"error: --{key.replace('_', '-')} {args[key][0]} {args[key][1]}: give the low end first")
+    if args["jitter"][3] > HUE_MAX:
+        sys.exit(f"error: --jitter ... {args['jitter'][3]}: the hue strength (the fourth value) must be at most {HUE_MAX}")
+    check_device(args["device"])
+
+
+def check_device(name):
+    """Exit with one line unless `name` is auto or a device that this machine has."""
+    valid = "auto, cpu, cuda, cuda:N or mps"
+    try:
+        device = torch.device(name if name != "auto" else "cpu")
+    except RuntimeError:
+        sys.exit(f"error: --device {name}: not a device; use {valid}")
+    if device.type not in ("cpu", "cuda", "mps"):
+        sys.exit(f"error: --device {name}: not a device the trainer runs on; use {valid}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit(f"error: --device {name}: this machine has no CUDA device (torch {torch.__version__}); use --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        sys.exit(f"error: --device {name}: this machine has {torch.cuda.device_count()} CUDA devices, cuda:0 to "
+                 f"cuda:{torch.cuda.device_count() - 1}")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        sys.exit(f"error: --device {name}: MPS is not available here; use --device cpu")
+
+
+def given_flags(argv):
+    """The flags argv gives, as {dest: value}, without the defaults."""
+    parser, absent = build_parser(), object()  # not a string, so argparse does not convert it
+    parser.set_defaults(**{action.dest: absent for action in parser._actions if action.dest != "help"})
+    return {key: value for key, value in vars(parser.parse_args(argv)).items() if value is not absent}
+
+
+def resume_config(argv, given):
+    """The saved run's config with the flags given now; exits, before anything is written, if a
+    given flag would change what the run is."""
+    run_dir = given["resume"]
+    path = os.path.join(run_dir, "config.json")
+    if not os.path.exists(path):
+        sys.exit(f"error: {path} does not exist: --resume takes the directory of a run that has started")
+    if "out" in given and os.path.abspath(given["out"]) != os.path.abspath(run_dir):
+        sys.exit(f"error: --resume {run_dir} continues the run in its own directory: drop --out (or drop "
+                 f"--resume to start a new run in {given['out']})")
+    try:
+        saved = json.loads(pathlib.Path(path).read_text())
+    except ValueError as e:
+        sys.exit(f"error: {path} is not the JSON config.json the trainer writes ({e}); restore it, or start a new run with --out DIR")
+    parser = build_parser()
+    parser.set_defaults(**saved)  # a key the run predates keeps the parser's default
+    args = vars(parser.parse_args(argv))
+    kept = {key: parser.get_default(key) for key in DEFINING}
+    changed = [key for key in DEFINING if key in given and given[key] != kept[key]]
+    if changed:
+        flags = "; ".join(f"--{k.replace('_', '-')} {show_value(given[k])} (the run has {show_value(kept[k])})"
+                          for k in changed)
+        sys.exit(f"error: {flags}: a resume keeps the flags that define the run; drop them to continue "
+                 f"{run_dir}, or start a new run with --out DIR")
+    note_schedule_change(saved, args)
+    return {**args, "out": run_dir}
+
+
+def show_value(value):
+    return " ".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
+def drop_epochs(args):
+    return sorted(args["epochs"] - before for before in args["drop_at"] if args["epochs"] - before > 0)
+
+
+def note_schedule_change(saved, args):
+    """Say, on a resume, what changes how the run goes on from its checkpoint."""
+    for key in RESCHEDULING:
+        if key in saved and saved[key] != args[key]:
+            print(f"note: --{key.replace('_', '-')} {show_value(args[key])} (the run had {show_value(saved[key])}) "
+                  f"applies from the checkpoint on; config.json records the new value", file=sys.stderr)
+    if "epochs" in saved and drop_epochs(saved) != drop_epochs(args):
+        show = lambda epochs: ", ".join(map(str, epochs)) or "none"
+        print(f"note: the lr drops (--drop-at {show_value(args['drop_at'])} epochs before the end of "
+              f"{args['epochs']}) move from epochs {show(drop_epochs(saved))} to {show(drop_epochs(args))}", file=sys.stderr)
+
 
 def resolve_config(argv):
-    parser = build_parser()
-    args = vars(parser.parse_args(argv))
-    if args["resume"]:
-        config = os.path.join(args["resume"], "config.json")
-        if not os.path.exists(config):
-            sys.exit(f"error: {config} does not exist: --resume takes the directory of a run that has started")
-        # The saved run's config becomes the defaults: flags given now still override it.
-        with open(config) as f:
-            parser.set_defaults(**json.load(f))
-        args = {**vars(parser.parse_args(argv)), "out": args["resume"]}
+    given = given_flags(argv)
+    if given.get("resume"):
+        args = resume_config(argv, given)
+    else:
+        args = vars(build_parser().parse_args(argv))
     for key, value in zip(("emb", "groups", "sub_batch", "whiten"), METHOD_DEFAULTS[args["method"]]):
         args[key] = value if args[key] is None else args[key]
     # the dataset's view size (None: the images' own)
     if args["view_size"] is None:
         args["view_size"] = DATASETS.get(args["dataset"], {}).get("view_size")
-    elif args["view_size"] < 1:
-        sys.exit(f"error: --view-size must be at least 1, got {args['view_size']}")
-    for key in ("epochs", "batch_size", "views", "check_every", "eval_every", "save_every"):
-        if args[key] < (2 if key == "views" else 1):
-            sys.exit(f"error: --{key.replace('_', '-')} must be at least {2 if key == 'views' else 1}, got {args[key]}")
+    check_flags(args)
+    if args["out"] and not args["resume"]:
+        check_new_directory(args["out"])
     args["out"] = args["out"] or os.path.join(
         "runs", f"{args['dataset']}-{args['method']}-{datetime.datetime.now():%Y%m%d-%H%M%S}")
     return argparse.Namespace(**args)
+
+
+def check_new_directory(out):
+    """A new run never writes over another run's log or checkpoints (a config.json alone is no run)."""
+    held = [name for name in RUN_FILES[1:] if os.path.exists(os.path.join(out, name))]
+    if held:
+        sys.exit(f"error: --out {out} already holds a run ({', '.join(held)}): continue it with --resume {out}, "
+                 f"or choose another --out")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -164,16 +308,25 @@ def read_idx(path):
     return torch.frombuffer(bytearray(raw[4 + 4 * ndim:]), dtype=torch.uint8).reshape(shape)
 
 
+SYSTEM_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
+
+
 def load_fashion_mnist(data_dir):
-    folders = (data_dir, os.path.join(data_dir, "FashionMNIST", "raw"), "/usr/share/datasets/fashion-mnist")
+    # The system copy stands in only for the default --data-dir: a folder the user names must hold the data.
+    folders = [data_dir, os.path.join(data_dir, "FashionMNIST", "raw")]
+    folders += [SYSTEM_FASHION_MNIST] if data_dir == DEFAULT_DATA_DIR else []
     for folder in folders:
         files = [os.path.join(folder, f"{split}-{kind}-ubyte.gz")
                  for split in ("train", "t10k") for kind in ("images-idx3", "labels-idx1")]
         if all(map(os.path.exists, files)):
             xs = [read_idx(f) for f in files]
             return xs[0].unsqueeze(1), xs[1].long(), xs[2].unsqueeze(1), xs[3].long()
-    sys.exit(f"error: Fashion-MNIST idx files not found in {data_dir} or /usr/share/datasets/fashion-mnist; "
-             f"install the Debian package dataset-fashion-mnist or put the four *-ubyte.gz files in {data_dir}")
+    if data_dir != DEFAULT_DATA_DIR:
+        sys.exit(f"error: --data-dir {data_dir} does not hold Fashion-MNIST (train- and t10k-images-idx3-ubyte.gz, "
+                 f"-labels-idx1-ubyte.gz, there or in FashionMNIST/raw); point --data-dir at them, or leave it out "
+                 f"to use {SYSTEM_FASHION_MNIST}")
+    sys.exit(f"error: Fashion-MNIST idx files not found in {data_dir} or {SYSTEM_FASHION_MNIST}; install the "
+             f"Debian package dataset-fashion-mnist or put the four *-ubyte.gz files in {data_dir}")
 
 
 def load_cifar(name, data_dir):
@@ -544,7 +697,8 @@ def lr_at(step, steps_per_epoch, args):
     # warm-up. Scaling the drops into a 10-epoch Fashion-MNIST run gave no kNN gain (docs/results.md).
     epoch = step // steps_per_epoch
     drops = sum(1 for before in args.drop_at if 0 < args.epochs - before <= epoch)
-    return args.lr * min(1.0, (step + 1) / args.warmup) * args.drop_factor ** drops
+    warm = min(1.0, (step + 1) / args.warmup) if args.warmup else 1.0
+    return args.lr * warm * args.drop_factor ** drops
 
 
 def channel_spectrum(z):
@@ -638,10 +792,22 @@ def new_epoch(steps_per_epoch, device):
             "timed_steps": 0, "stable_rank": None, "lr": None, "spectra": {}}
 
 
+RUN_FILES = ("config.json", "log.jsonl", "ckpt.pt", "ckpt-prev.pt")  # config.json first: alone, it is no run yet
+# 2 adds this key to format 1 (one generator state per process, "gens"); format 0 had one, "gen".
+CHECKPOINT_FORMAT, READABLE_FORMATS = 2, (1, 2)
+
+
 def save_atomic(path, write):
     # A kill mid-write leaves the temp file, never a truncated checkpoint or log.
     write(path + ".tmp")
+    sync(path + ".tmp")
     os.replace(path + ".tmp", path)
+
+
+def sync(path):
+    # On disk before the rename that makes it current, should the machine itself go down.
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
 
 
 def write_text(path, text):
@@ -662,23 +828,65 @@ def gather_states(run, states):
 
 
 def save_checkpoint(run, gen_states, elapsed):
-    """Rank 0 saves the weights, optimiser, state and every process's generators; called by every process."""
+    """Rank 0 saves the weights, optimiser, state and every process's generators; called by every
+    process. The last checkpoint, if it is a whole one, becomes ckpt-prev.pt only once the new one
+    is whole on disk, so a kill at any point leaves at least one checkpoint that loads."""
     all_gen_states = gather_states(run, gen_states)
     if run.rank:
+        run.saved_step = run.st["step"]  # as rank 0's, so that all processes skip or repeat a save alike
         return
     run.st["elapsed"] = elapsed
-    ck = {"model": run.model.state_dict(), "opt": run.opt.state_dict(), "gens": all_gen_states,
-          "cpu_rng": torch.get_rng_state(), "state": run.st}
-    save_atomic(run.ckpt_path, lambda tmp: torch.save(ck, tmp))
+    ck = {"format": CHECKPOINT_FORMAT, "model": run.model.state_dict(), "opt": run.opt.state_dict(),
+          "gens": all_gen_states, "cpu_rng": torch.get_rng_state(), "state": run.st}
+    tmp = run.ckpt_path + ".tmp"
+    torch.save(ck, tmp)
+    sync(tmp)
+    if run.ckpt_whole:
+        os.replace(run.ckpt_path, run.prev_path)
+    os.replace(tmp, run.ckpt_path)
+    run.ckpt_whole, run.saved_step = True, run.st["step"]
 
 
 def load_checkpoint(run):
-    if not os.path.exists(run.ckpt_path):
+    """The state of the last checkpoint that loads whole (weights, optimiser, generators and state),
+    ckpt.pt or else ckpt-prev.pt, saying which; exits with one line if none does."""
+    paths = [path for path in (run.ckpt_path, run.prev_path) if os.path.exists(path)]
+    if not paths:
         sys.exit(f"error: {run.ckpt_path} does not exist: the run stopped before its first checkpoint")
-    ck = torch.load(run.ckpt_path, map_location=run.device, weights_only=True)
+    # No ckpt.pt beside a ckpt-prev.pt: the process was killed between the two renames of a save.
+    failures = [] if paths[0] == run.ckpt_path else [f"{run.ckpt_path} is missing"]
+    for path in paths:
+        try:
+            st = restore_checkpoint(run, torch.load(path, map_location=run.device, weights_only=True), path)
+        except Exception as e:  # a truncated or corrupted file fails in the unpickler, the zip reader or a state dict
+            failures.append(f"{path} is damaged ({type(e).__name__}: {first_sentence(str(e))})")
+            continue
+        if failures and run.rank == 0:
+            print(f"warning: {failures[0]}; resuming from {path} at step {st['step']} "
+                  f"(epoch {st['step'] / run.steps_per_epoch:.2f})", file=sys.stderr)
+        run.ckpt_whole, run.saved_step = path == run.ckpt_path, st["step"]
+        return st
+    if len(paths) == 1 and paths[0] == run.ckpt_path:
+        failures.append(f"there is no {os.path.basename(run.prev_path)} to fall back to")
+    sys.exit("error: " + "; ".join(failures) + ": the run cannot be resumed; start a new one with --out DIR")
+
+
+def first_sentence(text):
+    return (text.strip().splitlines() or [""])[0].split(". ")[0]
+
+
+def restore_checkpoint(run, ck, path):
+    """Load a checkpoint's weights, optimiser and generators into the run; returns its state."""
+    found = ck.get("format", 1 if "gens" in ck else 0) if isinstance(ck, dict) else None
+    if found not in READABLE_FORMATS:
+        sys.exit(f"error: {path} is a checkpoint of format {found}, which this train_cifar.py does not read (it reads "
+                 f"formats {', '.join(map(str, READABLE_FORMATS))}): continue it with the train_cifar.py that wrote "
+                 f"it, or start a new run with --out DIR")
     if len(ck["gens"]) != run.world:
-        sys.exit(f"error: {run.ckpt_path} was saved by {len(ck['gens'])} processes; resume it with as many "
+        sys.exit(f"error: {path} was saved by {len(ck['gens'])} processes; resume it with as many "
                  f"(torchrun --nproc_per_node {len(ck['gens'])}, or plain python for 1)")
+    if missing := set(new_state()) - set(ck["state"]):
+        raise KeyError(f"its state lacks {', '.join(sorted(missing))}")
     run.model.load_state_dict(ck["model"])
     run.opt.load_state_dict(ck["opt"])
     for gen, state in zip((run.order_gen, run.gen), ck["gens"][run.rank]):
@@ -691,11 +899,27 @@ def gen_states(run):
     return run.order_gen.get_state(), run.gen.get_state()
 
 
-STOP_REQUESTED = []  # under torchrun, the signals a process got; its peers learn of them at the next check
+class StopSignals:
+    """SIGINT (Ctrl-C) and SIGTERM (kill, job schedulers) as requests to stop, acted on between
+    steps, where weights, optimiser, BatchNorm statistics and step counter agree; a step is never
+    cut in two. A request during evaluation, which changes none of them, stops at once, and in a
+    plain run a second request stops at once too, without saving. Under torchrun the processes
+    learn of a request at the next --check-every read, so that all stop after the same step."""
 
+    def __init__(self, world):
+        self.got, self.world, self.evaluating = [], world, False
 
-def request_stop(signum, frame):
-    STOP_REQUESTED.append(signum)
+    def __call__(self, signum, frame):
+        self.got.append(signum)
+        if self.world > 1:
+            return
+        if self.evaluating or len(self.got) > 1:
+            raise KeyboardInterrupt
+        print("\nstopping after this step (Ctrl-C again stops at once, without saving)", file=sys.stderr, flush=True)
+
+    def install(self):
+        """Handle both signals; returns the handlers to put back."""
+        return {signum: signal.signal(signum, self) for signum in (signal.SIGINT, signal.SIGTERM)}
 
 
 def read_losses(run, acc, upto):
@@ -706,7 +930,7 @@ def read_losses(run, acc, upto):
     start, acc["checked"] = acc["checked"], upto
     stop = False
     if run.world > 1:
-        both = torch.cat([acc["losses"][start:upto], torch.tensor([float(bool(STOP_REQUESTED))], device=run.device)])
+        both = torch.cat([acc["losses"][start:upto], torch.tensor([float(bool(run.signals.got))], device=run.device)])
         dist.all_reduce(both)
         acc["losses"][start:upto] = both[:-1] / run.world
         stop = both[-1].item() > 0
@@ -718,11 +942,13 @@ def stop_nonfinite(run, args, step, reason, alone=False):
     """The message and result of a run stopped by a non-finite loss at `step` (counted from 0); the
     weights, possibly updated from that loss, are not saved. Printed by rank 0, or by this process
     if it stops `alone`."""
+    run.progress.clear()
     if args.method == "plain":
-        cause = "the network diverged; try a lower --lr"
+        cause = "the network diverged; try a lower --lr (a resume may lower it)"
     else:
         fewer = "a smaller --sub-batch or fewer --groups" if args.method == "cwrgp" else "a larger --sub-batch or more --groups"
-        cause = f"rank-deficient whitening; try --eps 1e-4 or {fewer} (or a lower --lr, if the network diverged)"
+        cause = (f"rank-deficient whitening; try --eps 1e-4 (a resume may add it), or in a new run {fewer} "
+                 f"(or a lower --lr, if the network diverged)")
     kept = f"Kept the last checkpoint in {args.out}" if os.path.exists(run.ckpt_path) else "No checkpoint was saved yet"
     msg = (f"stopped: non-finite loss at step {step + 1} (epoch {step // run.steps_per_epoch + 1}): {reason}. "
            f"Likely cause: {cause}. {kept}.")
@@ -776,6 +1002,43 @@ def fmt_time(s):
     return f"{int(s // 3600)}h{int(s % 3600 // 60):02d}m" if s >= 3600 else f"{int(s // 60)}m{int(s % 60):02d}s"
 
 
+class Progress:
+    """The step of an epoch that takes more than PROGRESS_AFTER_S seconds, its images/s and the
+    epoch's remaining time, shown at the loss reads that already happen every --check-every steps,
+    so the device waits for nothing more. On a terminal one line rewritten in place (and cleared
+    before the epoch's row); otherwise a plain line at most every PLAIN_EVERY_S seconds. Nothing
+    of it goes to log.jsonl."""
+
+    def __init__(self, stream):
+        self.stream, self.tty, self.shown, self.begin = stream, stream.isatty(), 0, None
+
+    def start(self, i):
+        self.begin, self.begin_i, self.last_plain = time.perf_counter(), i, 0.0
+
+    def show(self, epoch, i, steps_per_epoch, batch_size):
+        """After step i (counted from 1) of the epoch, when the host has just read the losses back."""
+        seconds = time.perf_counter() - self.begin
+        if seconds < PROGRESS_AFTER_S or i == steps_per_epoch or (not self.tty and seconds - self.last_plain < PLAIN_EVERY_S):
+            return
+        per_step = seconds / (i - self.begin_i)
+        text = (f"epoch {epoch} step {i}/{steps_per_epoch}: {batch_size / per_step:.0f} img/s, "
+                f"{fmt_time(per_step * (steps_per_epoch - i))} left in the epoch")
+        if self.tty:
+            print("\r" + text.ljust(self.shown), end="", file=self.stream, flush=True)
+            self.shown = len(text)
+        else:
+            print(text, file=self.stream, flush=True)
+            self.last_plain = seconds
+
+    def clear(self):
+        if self.shown:
+            print("\r" + " " * self.shown + "\r", end="", file=self.stream, flush=True)
+            self.shown = 0
+
+
+PROGRESS_AFTER_S, PLAIN_EVERY_S = 5.0, 60.0
+
+
 # ----------------------------------------------------------------------------------------------
 # The epoch's evaluation and log row
 
@@ -801,21 +1064,32 @@ def evaluate(encoder, data, args, epoch):
 
 def end_epoch(run, args, epoch, clock, states):
     """Evaluate, log and print the epoch that just ended (rank 0); checkpoint every --save-every
-    epochs and at the end."""
-    st, acc = run.st, run.st["acc"]
+    epochs and at the end. Returns False, with nothing of the epoch's end done, if a stop request
+    came during the evaluation."""
+    st, acc, scores = run.st, run.st["acc"], None
+    run.progress.clear()
+    if run.rank == 0:
+        try:
+            run.signals.evaluating = True
+            scores = evaluate(run.model["encoder"], run.data, args, epoch)
+        except KeyboardInterrupt:
+            return False
+        finally:
+            run.signals.evaluating = False
     st["train_s"] += acc["train_s"]
     st["epochs_logged"] = epoch
     clock.epochs += 1
     if run.rank == 0:
-        log_epoch(run, args, epoch, clock)
+        log_epoch(run, args, epoch, clock, scores)
     if epoch % args.save_every == 0 or epoch == args.epochs:
         save_checkpoint(run, states, clock.elapsed())
+    return True
 
 
-def log_epoch(run, args, epoch, clock):
+def log_epoch(run, args, epoch, clock, scores):
     st, acc = run.st, run.st["acc"]
     row = {"epoch": epoch, "loss": acc["losses"].double().sum().item() / run.steps_per_epoch,
-           **evaluate(run.model["encoder"], run.data, args, epoch), "stable_rank": acc["stable_rank"], "lr": acc["lr"],
+           **scores, "stable_rank": acc["stable_rank"], "lr": acc["lr"],
            # the global batch: images of all processes
            "images_per_s": acc["timed_steps"] * args.batch_size / acc["train_s"] if acc["train_s"] else None,
            "train_s": st["train_s"], "elapsed_s": clock.elapsed(), **acc["spectra"]}
@@ -835,8 +1109,7 @@ def log_epoch(run, args, epoch, clock):
 
 def init_distributed(args):
     """(rank, processes, device). Under torchrun: this process's place in a new process group (NCCL
-    on CUDA, gloo on the CPU), and SIGINT / SIGTERM become stop requests that all processes act on
-    at the same step. A plain run is (0, 1) and stops where the signal finds it."""
+    on CUDA, gloo on the CPU). A plain run is (0, 1)."""
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     if "RANK" not in os.environ:
         return 0, 1, device
@@ -844,8 +1117,6 @@ def init_distributed(args):
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, request_stop)
     return dist.get_rank(), dist.get_world_size(), device
 
 
@@ -884,72 +1155,98 @@ def start_run(args):
     # BatchNorm stays per process (and per view): DDP averages the gradients, nothing else.
     net = model if world == 1 else DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     run = argparse.Namespace(rank=rank, world=world, device=device, pretrain_x=pretrain_x, data=data, model=model,
-                             net=net, opt=opt, order_gen=order_gen, gen=gen, ckpt_path=os.path.join(args.out, "ckpt.pt"),
-                             steps_per_epoch=steps_per_epoch, forward=compile_step(args, device))
+                             net=net, opt=opt, order_gen=order_gen, gen=gen, steps_per_epoch=steps_per_epoch,
+                             ckpt_path=os.path.join(args.out, "ckpt.pt"), prev_path=os.path.join(args.out, "ckpt-prev.pt"),
+                             ckpt_whole=False, saved_step=None, forward=compile_step(args, device),
+                             signals=StopSignals(world), progress=Progress(sys.stdout))
     run.st = load_checkpoint(run) if args.resume else new_state()
     return run
 
 
 def train(run, args):
-    """The training loop, from run.st["step"] to the last epoch's evaluation."""
-    st, steps_per_epoch, train_x, share = run.st, run.steps_per_epoch, run.pretrain_x, args.batch_size // run.world
-    timer, clock = Timer(run.device), Clock(st["elapsed"])
+    """The training loop, from run.st["step"] to the last epoch's evaluation, with SIGINT / SIGTERM
+    as stop requests (StopSignals) while it runs."""
+    timer, clock = Timer(run.device), Clock(run.st["elapsed"])
     if run.rank == 0:
         print(HEADER)
+    previous = run.signals.install()
     try:
-        while True:
-            states = gen_states(run)  # what a checkpoint restores: the generators before this step's draws
-            epoch, i = divmod(st["step"], steps_per_epoch)
-            if i == 0 and st["epochs_logged"] < epoch:
-                timer.stop(st["acc"], st["step"])
-                end_epoch(run, args, epoch, clock, states)
-            if st["step"] >= args.epochs * steps_per_epoch:
-                break
-            if i == 0:
-                st["perm"] = torch.randperm(len(train_x), generator=run.order_gen, device=run.device)
-                st["acc"] = new_epoch(steps_per_epoch, run.device)
-            acc = st["acc"]
-            if timer.begin is None:
-                timer.start(st["step"])
-            first = i * args.batch_size + run.rank * share  # this process's share of the global batch
-            x = train_x[st["perm"][first:first + share]]
-            lr = lr_at(st["step"], steps_per_epoch, args)
-            try:
-                acc["losses"][i], z = train_step(run.forward, run.net, run.opt, x, lr, run.gen, args)
-            except ValueError as e:
-                # The eager loss refused a non-finite or singular whitening, before the update. Under torchrun
-                # only this process knows: it stops alone, and torchrun then stops the others.
-                if run.world > 1:
-                    return stop_nonfinite(run, args, st["step"], f"process {run.rank}: {e}", alone=True)
-                if (bad := read_losses(run, acc, i)[0]) is not None:  # an earlier unchecked step caused it
-                    return stop_nonfinite(run, args, st["step"] - i + bad[0], f"loss {bad[1]}")
-                return stop_nonfinite(run, args, st["step"], e)
-            acc["lr"] = lr
-            st["step"] += 1
-            check = (i + 1) % args.check_every == 0 or i + 1 == steps_per_epoch
-            bad, stop = read_losses(run, acc, i + 1) if check else (None, False)
-            if bad is not None:
-                return stop_nonfinite(run, args, st["step"] - 1 - i + bad[0], f"loss {bad[1]}")
-            if i + 1 == steps_per_epoch and run.rank == 0:  # the paper's indicator and spectra, on the epoch's last batch
+        return train_loop(run, args, timer, clock)
+    except KeyboardInterrupt:  # a second Ctrl-C, mid-step: what the step changed cannot be saved
+        run.progress.clear()
+        kept = f"the last checkpoint, at step {run.saved_step}, is kept" if run.saved_step is not None else "nothing was saved"
+        if run.rank == 0:
+            print(f"\nstopped at once: {kept}", file=sys.stderr)
+        return {"status": "interrupted", "out": args.out, "log": run.st["log"]}
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+
+
+def train_loop(run, args, timer, clock):
+    st, steps_per_epoch, train_x, share = run.st, run.steps_per_epoch, run.pretrain_x, args.batch_size // run.world
+    if st["epochs_logged"] < st["step"] // steps_per_epoch:  # stopped during that epoch's evaluation
+        if not end_epoch(run, args, st["step"] // steps_per_epoch, clock, gen_states(run)):
+            return interrupted(run, args, timer, clock, gen_states(run))
+    while st["step"] < args.epochs * steps_per_epoch:
+        epoch, i = divmod(st["step"], steps_per_epoch)
+        if i == 0:
+            st["perm"] = torch.randperm(len(train_x), generator=run.order_gen, device=run.device)
+            st["acc"] = new_epoch(steps_per_epoch, run.device)
+        acc = st["acc"]
+        if timer.begin is None:
+            timer.start(st["step"])
+            run.progress.start(i)
+        first = i * args.batch_size + run.rank * share  # this process's share of the global batch
+        x = train_x[st["perm"][first:first + share]]
+        lr = lr_at(st["step"], steps_per_epoch, args)
+        try:
+            acc["losses"][i], z = train_step(run.forward, run.net, run.opt, x, lr, run.gen, args)
+        except ValueError as e:
+            return refused_step(run, args, acc, i, e)
+        acc["lr"] = lr
+        st["step"] += 1
+        check = (i + 1) % args.check_every == 0 or i + 1 == steps_per_epoch
+        bad, stop = read_losses(run, acc, i + 1) if check else (None, False)
+        if bad is not None:
+            return stop_nonfinite(run, args, st["step"] - 1 - i + bad[0], f"loss {bad[1]}")
+        if check and run.rank == 0:
+            run.progress.show(epoch + 1, i + 1, steps_per_epoch, args.batch_size)
+        if i + 1 == steps_per_epoch:  # the epoch's end
+            if run.rank == 0:  # the paper's indicator and spectra, on the epoch's last batch
                 acc["stable_rank"], acc["spectra"] = stable_rank(z).item(), spectra(z, args)
-            if stop:  # asked of some process under torchrun: all stop here, after this step
+            timer.stop(acc, st["step"])
+            if not end_epoch(run, args, epoch + 1, clock, gen_states(run)):
                 return interrupted(run, args, timer, clock, gen_states(run))
-    except KeyboardInterrupt:
-        return interrupted(run, args, timer, clock, states)
+        # Under torchrun a request counts once all processes know it, at a check; in a plain run at once.
+        if stop or (run.world == 1 and run.signals.got):
+            return interrupted(run, args, timer, clock, gen_states(run))
     if run.rank == 0:
         print(f"done in {fmt_time(clock.elapsed())}: {args.out}")
     return {"status": "done", "out": args.out, "log": st["log"], "model": run.model}
 
 
+def refused_step(run, args, acc, i, e):
+    """The eager loss refused a non-finite or singular whitening at the epoch's step i, before the update."""
+    step = run.st["step"]
+    if run.world > 1:  # only this process knows: it stops alone, and torchrun then stops the others
+        return stop_nonfinite(run, args, step, f"process {run.rank}: {e}", alone=True)
+    if (bad := read_losses(run, acc, i)[0]) is not None:  # an earlier unchecked step caused it
+        return stop_nonfinite(run, args, step - i + bad[0], f"loss {bad[1]}")
+    return stop_nonfinite(run, args, step, e)
+
+
 def interrupted(run, args, timer, clock, states):
-    """Ctrl-C or SIGTERM: checkpoint where the run is, unless its unchecked losses are not finite."""
+    """A stop request, between steps: checkpoint there, unless its unchecked losses are not finite."""
     st = run.st
+    run.progress.clear()
     if st["acc"] is not None:
         timer.stop(st["acc"], st["step"])
         done = st["step"] % run.steps_per_epoch  # the epoch's steps; a finished epoch was checked at its end
         if done and (bad := read_losses(run, st["acc"], done)[0]) is not None:
             return stop_nonfinite(run, args, st["step"] - done + bad[0], f"loss {bad[1]}")
-    save_checkpoint(run, states, clock.elapsed())
+    if run.saved_step != st["step"]:
+        save_checkpoint(run, states, clock.elapsed())
     if run.rank == 0:
         print(f"\ninterrupted: saved {run.ckpt_path} at step {st['step']}; continue with --resume {args.out}", file=sys.stderr)
     return {"status": "interrupted", "out": args.out, "log": st["log"]}
@@ -966,29 +1263,50 @@ def main(argv=None):
                 print(f"{args.out} is finished at epoch {done}: nothing to do. Continue it with "
                       f"--resume {args.out} --epochs N for N > {done}", file=sys.stderr)
             return {"status": "finished", "out": args.out, "log": run.st["log"], "model": run.model}
-        if run.rank == 0:
-            start_directory(run, args, argv)
-        return train(run, args)
+        made = run.rank == 0 and start_directory(run, args, argv)
+        try:
+            result = train(run, args)
+        finally:
+            if made:
+                remove_if_unstarted(args.out)
+        return result
     finally:
         if run.world > 1:
             dist.destroy_process_group()
 
 
 def start_directory(run, args, argv):
+    """Print the command and config and write config.json, once every check has passed; on a
+    resume, also the log as its checkpoint has it. Returns whether the directory is new."""
+    made = not os.path.isdir(args.out)
     os.makedirs(args.out, exist_ok=True)
     command = "python train_cifar.py" if run.world == 1 else f"torchrun --nproc_per_node {run.world} train_cifar.py"
     print(f"command: {command} " + shlex.join(argv))
     print("config: " + " ".join(f"{k}={v}" for k, v in vars(args).items()) + f" (device {run.device}, torch {torch.__version__})")
     if args.resume:
-        print(f"resumed from {run.ckpt_path} at step {run.st['step']} (epoch {run.st['step'] / run.steps_per_epoch:.2f})")
+        print(f"resumed from {run.ckpt_path if run.ckpt_whole else run.prev_path} at step {run.st['step']} "
+              f"(epoch {run.st['step'] / run.steps_per_epoch:.2f})")
+        write_log(args.out, run.st["log"])  # rows logged after the checkpoint are logged again, once
     write_text(os.path.join(args.out, "config.json"), json.dumps(vars(args), indent=1) + "\n")
+    return made and not args.resume
 
 
-def interrupt(signum, frame):
-    raise KeyboardInterrupt
+def remove_if_unstarted(out):
+    """A new run that stopped before its first logged epoch or checkpoint leaves no directory."""
+    if any(os.path.exists(os.path.join(out, name)) for name in RUN_FILES[1:]):
+        return
+    for name in ("config.json", "config.json.tmp", "ckpt.pt.tmp"):
+        if os.path.exists(os.path.join(out, name)):
+            os.remove(os.path.join(out, name))
+    if not os.listdir(out):
+        os.rmdir(out)
+        print(f"removed {out}: the run stopped before anything of it was saved", file=sys.stderr)
 
 
 if __name__ == "__main__":
-    signal.signal(signal.SIGTERM, interrupt)  # `kill` and job schedulers stop a run as Ctrl-C does: saved
-    result = main()
+    try:
+        result = main()
+    except KeyboardInterrupt:  # before training started: nothing to save
+        print("\ninterrupted before training started: nothing was saved", file=sys.stderr)
+        sys.exit(130)
     sys.exit({"done": 0, "finished": 0, "interrupted": 130}.get(result["status"], 1))

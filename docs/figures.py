@@ -198,9 +198,15 @@ def whitening_figure(path):
 
 def main(run_dirs):
     if run_dirs:
-        runs = [load_run(pathlib.Path(d) / "log.jsonl", pathlib.Path(d) / "config.json", pathlib.Path(d).resolve().name)
-                for d in run_dirs]
-        out = pathlib.Path(run_dirs[0])
+        # A run that has not finished its first epoch has no log yet: there is nothing of it to draw.
+        logged = [pathlib.Path(d) for d in run_dirs if (pathlib.Path(d) / "log.jsonl").exists()]
+        for d in run_dirs:
+            if pathlib.Path(d) not in logged:
+                print(f"skipped {d}: no log.jsonl (the run has not logged an epoch)")
+        if not logged:
+            sys.exit("error: none of these directories holds a log.jsonl: nothing to draw")
+        runs = [load_run(d / "log.jsonl", d / "config.json", d.resolve().name) for d in logged]
+        out = logged[0]
         training_figure(runs, out / "training.png", f"{runs[0]['config']['dataset']}")
         print(f"wrote {out / 'training.png'}")
         if spectrum_figure(runs, out / "spectrum.png", "channel covariance of one view's batch"):
