@@ -71,6 +71,19 @@ def test_other_methods_run(tmp_path, method):
     assert math.isfinite(read_log(result["out"])[0]["loss"])
 
 
+def test_convnet_pool_keeps_a_coarse_layout(tmp_path):
+    """--pool k makes the convnet's features its last map averaged over k x k cells: 4 * width * k^2
+    features, the top-left cell's the mean of the map's top-left rows and columns, and a run trains on them."""
+    encoder, features = train_cifar.convnet(1, 16, pool=3)
+    x = torch.rand(2, 1, 28, 28)
+    last_map = encoder[:-2](x)  # (2, 64, 7, 7), before the pooling and the flattening
+    cells = encoder(x).view(2, 64, 3, 3)
+    assert features == 64 * 9 and last_map.shape[-1] == 7
+    torch.testing.assert_close(cells[..., 0, 0], last_map[..., :3, :3].mean((2, 3)))  # 7 rows in 3 cells: 0-2, 2-4, 4-6
+    result = run(tmp_path, "pool", "--epochs", "1", "--pool", "3", "--probe-epochs", "0")
+    assert result["status"] == "done" and result["model"]["projector"][0].in_features == 64 * 9
+
+
 @pytest.mark.skipif(not os.path.isdir(FASHION_DIR), reason=f"{FASHION_DIR} absent (Debian package dataset-fashion-mnist)")
 def test_fashion_mnist_end_to_end(tmp_path):
     """A few steps on real Fashion-MNIST images (1 channel, 28x28) run and evaluate."""
@@ -187,7 +200,7 @@ def test_resume_extends_finished_run(tmp_path):
 
 
 # A value other than the run's for every flag that defines a run (TINY on fake data).
-CHANGED = {"dataset": ["cifar10"], "limit": ["256"], "arch": ["resnet18"], "width": ["32"], "hidden": ["512"],
+CHANGED = {"dataset": ["cifar10"], "limit": ["256"], "arch": ["resnet18"], "width": ["32"], "pool": ["2"], "hidden": ["512"],
            "emb": ["256"], "method": ["wmse"], "views": ["3"], "groups": ["2"], "sub_batch": ["32"], "whiten": ["pca"],
            "iters": ["2"], "batch_size": ["64"], "view_size": ["16"], "crop_scale": ["0.5", "1.0"], "crop_ratio": ["1.0", "1.0"],
            "flip_p": ["0.0"], "jitter": ["0.0", "0.0", "0.0", "0.0"], "jitter_p": ["0.0"], "gray_p": ["0.0"],

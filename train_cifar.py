@@ -83,6 +83,8 @@ def build_parser():
     # model
     arg("--arch", choices=["resnet18", "convnet"], default="resnet18")
     arg("--width", type=int, help="convnet width (channels of its second block)", default=48)
+    arg("--pool", type=int, default=1, help="convnet: its features are the last map average-pooled to pool x pool "
+        "cells (1: one global average)")
     arg("--hidden", type=int, help="projector hidden width", default=1024)
     arg("--emb", type=int, help="embedding width (default 512; 64 for wmse)")
     # loss
@@ -153,7 +155,7 @@ DATASETS = {
 # run goes on from its checkpoint (a lower --lr or an --eps after a non-finite loss, an lr drop),
 # and a resume says so; the rest (epochs, evaluation, saving, device, threads, compilation, checks)
 # change nothing but the schedule's length and what is measured.
-DEFINING = ("dataset", "limit", "arch", "width", "hidden", "emb", "method", "views", "groups", "sub_batch", "whiten",
+DEFINING = ("dataset", "limit", "arch", "width", "pool", "hidden", "emb", "method", "views", "groups", "sub_batch", "whiten",
             "iters", "batch_size", "view_size", "crop_scale", "crop_ratio", "flip_p", "jitter", "jitter_p", "gray_p", "seed")
 RESCHEDULING = ("lr", "wd", "warmup", "drop_at", "drop_factor", "eps")
 
@@ -161,7 +163,7 @@ RESCHEDULING = ("lr", "wd", "warmup", "drop_at", "drop_factor", "eps")
 # (lowest, highest, whether the lowest itself is refused); None is unbounded.
 AT_LEAST_1, AT_LEAST_0, POSITIVE, PROBABILITY = (1, None, False), (0, None, False), (0, None, True), (0, 1, False)
 FLAG_RANGES = {
-    "limit": AT_LEAST_1, "width": (2, None, False), "hidden": AT_LEAST_1, "emb": AT_LEAST_1, "views": (2, None, False),
+    "limit": AT_LEAST_1, "width": (2, None, False), "pool": AT_LEAST_1, "hidden": AT_LEAST_1, "emb": AT_LEAST_1, "views": (2, None, False),
     "groups": AT_LEAST_1, "sub_batch": (2, None, False), "eps": AT_LEAST_0, "iters": AT_LEAST_1,
     "epochs": AT_LEAST_1, "batch_size": (2, None, False), "lr": POSITIVE, "wd": AT_LEAST_0, "warmup": AT_LEAST_0,
     "drop_at": AT_LEAST_1, "drop_factor": (0, 1, True),
@@ -579,13 +581,14 @@ def resnet18(channels, maxpool=False):
     return net, 512
 
 
-def convnet(channels, width):
+def convnet(channels, width, pool=1):
     # Sized so that a Fashion-MNIST epoch (2 x 60k views) trains in about a minute and a half on 2 idle
-    # CPU cores (docs/results.md).
+    # CPU cores (docs/results.md). pool > 1 keeps a coarse layout of the last map (3 x 3 cells of 7 x 7
+    # for 28 x 28 inputs), which centred, aligned images such as Fashion-MNIST's carry.
     block = lambda i, o: [nn.Conv2d(i, o, 3, padding=1, bias=False), nn.BatchNorm2d(o), nn.ReLU(inplace=True)]
     layers = block(channels, width // 2) + [nn.MaxPool2d(2)] + block(width // 2, width) + [nn.MaxPool2d(2)]
-    layers += block(width, 2 * width) + block(2 * width, 4 * width) + [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
-    return nn.Sequential(*layers), 4 * width
+    layers += block(width, 2 * width) + block(2 * width, 4 * width) + [nn.AdaptiveAvgPool2d(pool), nn.Flatten()]
+    return nn.Sequential(*layers), 4 * width * pool * pool
 
 
 class Pretrainer(nn.ModuleDict):
@@ -599,7 +602,7 @@ class Pretrainer(nn.ModuleDict):
 
 def build_model(args, mean, std):
     maxpool = DATASETS.get(args.dataset, {}).get("maxpool", False)
-    backbone, features = resnet18(len(mean), maxpool) if args.arch == "resnet18" else convnet(len(mean), args.width)
+    backbone, features = resnet18(len(mean), maxpool) if args.arch == "resnet18" else convnet(len(mean), args.width, args.pool)
     encoder = nn.Sequential(Normalize(mean, std), backbone)
     projector = nn.Sequential(nn.Linear(features, args.hidden), nn.BatchNorm1d(args.hidden),
                               nn.ReLU(inplace=True), nn.Linear(args.hidden, args.emb))
