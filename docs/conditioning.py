@@ -83,18 +83,18 @@ def main():
         print(f"untrained {arch:<8} embedding of 256 Fashion-MNIST images, 16 covariances: cond {summary(conditions(z))}")
 
     # During training: record the largest cond(Σ) that each step's decomposition sees.
-    # On the CPU the loss's ZCA goes through cwrgp._zca_eigh; Σ arrives scaled to mean diagonal 1,
+    # On the CPU the loss's ZCA goes through cwrgp._zca_eigh; Σ arrives from x scaled to max |x| = 1,
     # which leaves cond(Σ) as it was.
     largest = []
     decompose = cwrgp._zca_eigh
 
-    def recording(cov, x, relative_tolerance, cov_scale=None):
+    def recording(cov, x, relative_tolerance):
         # The training loss's calls only (2 views × 4 sub-batches × 4 groups, with a gradient): not the
         # spectra's, nor the trainer's no-grad check of the flags on random embeddings before step 1.
         if x.requires_grad and cov[..., 0, 0].numel() == 32:
             eigenvalues = torch.linalg.eigvalsh(cov.detach())
             largest.append((eigenvalues[..., -1] / eigenvalues[..., 0]).max().item())
-        return decompose(cov, x, relative_tolerance, cov_scale)
+        return decompose(cov, x, relative_tolerance)
 
     cwrgp._zca_eigh = recording
     for crop in ("0.2", "0.5"):
