@@ -211,6 +211,21 @@ def test_figure_legends_tell_runs_of_one_config_apart():
     assert labels[2].startswith("W-MSE")
 
 
+def headings(page):
+    """The anchors GitHub gives a Markdown page's headings: lower case, punctuation dropped, spaces as hyphens."""
+    return {re.sub(r"[^\w\- ]", "", title.strip().lower()).replace(" ", "-")
+            for title in re.findall(r"^#+ (.*)$", page.read_text(), re.M)}
+
+
+def test_section_links_land_on_headings():
+    """Every [text](page.md#anchor) and [text](#anchor) in the docs names a heading of that page."""
+    missing = [f"{page.relative_to(ROOT)}: {target}#{anchor}"
+               for page in PAGES
+               for target, anchor in re.findall(r"\]\(([^)#\s]*)#([^)\s]+)\)", page.read_text())
+               if not target.endswith(".py") and anchor not in headings(page.parent / target if target else page)]
+    assert not missing, "links to sections that do not exist:\n" + "\n".join(missing)
+
+
 def test_pip_install_gives_import_cwrgp_anywhere(tmp_path):
     """pyproject.toml builds a wheel holding cwrgp.py alone, and installed, `import cwrgp` works outside
     the repository (the README's `pip install .`). Built offline from a copy of the two files it needs."""
