@@ -71,7 +71,7 @@ def w_mse_loss(*views, **kw):
     return whitening_loss(*views, **{**W_MSE, **kw})
 
 class CWRGPLoss(nn.Module):
-    """cw_rgp_loss as a module: kw (whitening_loss's but `partition`) fixed, `generator` drawing each call's partition."""
+    """cw_rgp_loss as a module: kw (whitening_loss's but `partition`) fixed; `generator` draws each call's partition."""
 
     def __init__(self, generator=None, **kw):
         super().__init__()
@@ -269,7 +269,7 @@ class _InverseSqrtTimes(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_out):
         """x′ = Uᵀx, G′ = Uᵀ ∂L/∂Y, H′ = K ∘ sym(G′x′ᵀ), K_ij = −1/(s_i s_j (s_i + s_j)) (Daleckii–Krein);
-        ∂L/∂Σ = U H′ Uᵀ, ∂L/∂x = U (G′/s + 2a H′x′) with a = cov_scale (0: Σ is not x's)."""
+        ∂L/∂Σ = U H′ Uᵀ, ∂L/∂x = U (G′/s + 2a H′x′), the second term only if Σ = a·x xᵀ (cov_scale = a)."""
         U, eigenvalues, x_eig = ctx.saved_tensors
         s, U_x = eigenvalues.sqrt(), U.to(grad_out.dtype)
         grad_eig = U_x.mT @ grad_out
