@@ -88,13 +88,13 @@ def main():
     largest = []
     decompose = cwrgp._zca_eigh
 
-    def recording(cov, x, relative_tolerance):
+    def recording(cov, x, relative_tolerance, cov_scale=None):
         # The training loss's calls only (2 views × 4 sub-batches × 4 groups, with a gradient): not the
         # spectra's, nor the trainer's no-grad check of the flags on random embeddings before step 1.
         if x.requires_grad and cov[..., 0, 0].numel() == 32:
             eigenvalues = torch.linalg.eigvalsh(cov.detach())
             largest.append((eigenvalues[..., -1] / eigenvalues[..., 0]).max().item())
-        return decompose(cov, x, relative_tolerance)
+        return decompose(cov, x, relative_tolerance, cov_scale)
 
     cwrgp._zca_eigh = recording
     for crop in ("0.2", "0.5"):
