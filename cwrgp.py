@@ -321,8 +321,9 @@ def _data_tolerance(x):
 
 def _host_reads_allowed():
     """False while torch.compile traces or a CUDA graph is captured: nothing may then be read back."""
-    capturing = torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()
-    return not (torch.compiler.is_compiling() or capturing)
+    if torch.compiler.is_compiling():  # first, so that torch.compile never traces the CUDA query
+        return False
+    return not (torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing())
 
 def _refuse_or_poison(out, failures):
     """Eager: ValueError for the first of the failures (flags (...), message) found, after one read
@@ -410,7 +411,6 @@ def _check_embedding(z):
         raise ValueError(f"the embedding is empty: got shape {tuple(z.shape)}, need b ≥ 1 samples and d ≥ 1 channels")
 
 def _check_permutation(perm, shape, name):
-    """perm: an integer tensor of the given shape whose last axis holds permutations of range(shape[-1])."""
     if not isinstance(perm, torch.Tensor) or perm.is_floating_point() or perm.is_complex() or perm.dtype == torch.bool:
         raise ValueError(f"{name} must be an integer tensor of permutations, got {getattr(perm, 'dtype', type(perm))}")
     if tuple(perm.shape) != tuple(shape):
