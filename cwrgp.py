@@ -415,8 +415,8 @@ def _check_permutation(perm, shape, name):
         raise ValueError(f"{name} must be an integer tensor of permutations, got {getattr(perm, 'dtype', type(perm))}")
     if tuple(perm.shape) != tuple(shape):
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(perm.shape)}")
-    identity = torch.arange(shape[-1], device=perm.device).expand(shape)
-    if _host_reads_allowed() and not torch.equal(perm.sort(-1).values, identity):
+    if _host_reads_allowed() and not torch.equal(perm.sort(-1).values,  # not looked at when compiled or captured
+                                                 torch.arange(shape[-1], device=perm.device).expand(shape)):
         raise ValueError(f"{name} must hold permutations of range({shape[-1]}) along its last axis")
 
 def _check_sub_batch(sub_batch, b):
