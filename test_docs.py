@@ -1,8 +1,8 @@
 """
 Tests that the documentation still describes the code: every line link in README.md and docs/*.md
 lands on the definition it names, every test the docs name exists, the README's snippet runs,
-every train_cifar.py command in the docs parses, and the docs cite the paper and the code, not a
-tracker.
+every train_cifar.py command in the docs parses, the docs cite the paper and the code, not a
+tracker, and `pip install .` gives `import cwrgp` (pyproject.toml).
 
 Line links are written [`name`](path.py#L123), path relative to the Markdown file; name is a
 top-level function, class or assignment, or Class.method. When code moves, fix them all at once:
@@ -11,6 +11,7 @@ top-level function, class or assignment, or Class.method. When code moves, fix t
 """
 
 import ast
+import os
 import pathlib
 import re
 import shlex
@@ -240,6 +241,42 @@ def test_representations_measures_pixels_and_a_run_as_the_trainer_does(tmp_path)
     trainer = {"knn5": "knn5_top1", "knn5_l2": "knn5_l2_top1", "knn200": "knn_top1"}
     assert {m: rows["encoder"][1][m] for m in trainer} == {m: log[-1][key] for m, key in trainer.items()}
     assert all(0 <= rows[n][1]["linear"] <= 1 for n in rows)
+
+
+def headings(page):
+    """The anchors GitHub gives a Markdown page's headings: lower case, punctuation dropped, spaces as hyphens."""
+    return {re.sub(r"[^\w\- ]", "", title.strip().lower()).replace(" ", "-")
+            for title in re.findall(r"^#+ (.*)$", page.read_text(), re.M)}
+
+
+def test_section_links_land_on_headings():
+    """Every [text](page.md#anchor) and [text](#anchor) in the docs names a heading of that page."""
+    missing = [f"{page.relative_to(ROOT)}: {target}#{anchor}"
+               for page in PAGES
+               for target, anchor in re.findall(r"\]\(([^)#\s]*)#([^)\s]+)\)", page.read_text())
+               if not target.endswith(".py") and anchor not in headings(page.parent / target if target else page)]
+    assert not missing, "links to sections that do not exist:\n" + "\n".join(missing)
+
+
+def test_pip_install_gives_import_cwrgp_anywhere(tmp_path):
+    """pyproject.toml builds a wheel holding cwrgp.py alone, and installed, `import cwrgp` works outside
+    the repository (the README's `pip install .`). Built offline from a copy of the two files it needs."""
+    import subprocess
+    import zipfile
+
+    source = tmp_path / "source"
+    source.mkdir()
+    for name in ("pyproject.toml", "cwrgp.py", "README.md"):
+        (source / name).write_bytes((ROOT / name).read_bytes())
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", tmp_path / "dist", source], check=True)
+    (wheel,) = (tmp_path / "dist").glob("cwrgp-*.whl")
+    assert {name for name in zipfile.ZipFile(wheel).namelist() if ".dist-info/" not in name} == {"cwrgp.py"}
+    subprocess.run([*pip, "install", "--no-deps", "--target", tmp_path / "site", wheel], check=True)
+    printed = subprocess.run([sys.executable, "-c", "import cwrgp; print(cwrgp.__file__, cwrgp.CWRGPLoss())"],
+                             cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(tmp_path / "site")},
+                             capture_output=True, text=True, check=True).stdout
+    assert printed.startswith(str(tmp_path / "site" / "cwrgp.py")) and "sub_batch=64" in printed
 
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda page: page.name)

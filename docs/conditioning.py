@@ -83,7 +83,7 @@ def main():
         print(f"untrained {arch:<8} embedding of 256 Fashion-MNIST images, 16 covariances: cond {summary(conditions(z))}")
 
     # During training: record the largest cond(Σ) that each step's decomposition sees.
-    # On the CPU the loss's ZCA goes through cwrgp._zca_eigh; Σ arrives scaled to mean diagonal 1,
+    # On the CPU the loss's ZCA goes through cwrgp._zca_eigh; Σ arrives from x scaled to max |x| = 1,
     # which leaves cond(Σ) as it was.
     largest = []
     decompose = cwrgp._zca_eigh

@@ -1,5 +1,5 @@
-# One GPU check of the Newton–Schulz loss, the compiled step and torchrun, for the next session that
-# has a GPU (about 8 minutes): the CUDA tests, bench.py's loss and step tables, and 3-epoch runs on
+# One GPU check of the Newton–Schulz loss, the compiled step and torchrun (about 8 minutes on one
+# GPU; not yet run): the CUDA tests, bench.py's loss and step tables, and 3-epoch runs on
 # CIFAR-shaped fake data whose images/s are read from epochs 2-3 of each log.jsonl.
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name --format=csv,noheader
