@@ -719,13 +719,19 @@ def spectra(z, args):
     z = z.detach().double()
     logged = {"embedding_spectrum": channel_spectrum(z), "whitened_spectrum": None}
     if args.method != "plain":
-        whiten = channel_whiten if args.method == "cwrgp" else batch_whiten
         try:
-            white = torch.cat([whiten(part, args.groups, args.whiten, args.eps) for part in z.split(args.sub_batch)])
+            white = whitened_by_sub_batch(z, args)
         except ValueError:  # a refused partition here is no reason to stop a run the loss let through
             return logged
         logged["whitened_spectrum"] = channel_spectrum(white)
     return logged
+
+
+def whitened_by_sub_batch(z, args):
+    """(n, d) embeddings -> their whitening as the loss sees it: consecutive sub-batches of
+    --sub-batch rows, each whitened by the run's axis (CW or BW) in its groups of consecutive channels."""
+    whiten = channel_whiten if args.method == "cwrgp" else batch_whiten
+    return torch.cat([whiten(part, args.groups, args.whiten, args.eps) for part in z.split(args.sub_batch)])
 
 
 # ----------------------------------------------------------------------------------------------

@@ -30,7 +30,6 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent.parent))
 import train_cifar  # noqa: E402
-from cwrgp import batch_whiten, channel_whiten  # noqa: E402
 
 METRICS = ("knn5", "knn5_l2", "knn200", "linear")
 
@@ -65,10 +64,8 @@ def representations(model, x, args, batch=1024):
     embedded = torch.cat([model["projector"](encoded[i:i + batch]) for i in range(0, len(encoded), batch)])
     rep = {"encoder": encoded, "embedding": embedded}
     if args.method != "plain":
-        whiten = channel_whiten if args.method == "cwrgp" else batch_whiten
         whole = len(x) // args.sub_batch * args.sub_batch  # a last partial sub-batch cannot be whitened alike
-        rep["whitened"] = torch.cat([whiten(part, args.groups, args.whiten, args.eps).float()
-                                     for part in embedded[:whole].double().split(args.sub_batch)])
+        rep["whitened"] = train_cifar.whitened_by_sub_batch(embedded[:whole].double(), args).float()
     return rep
 
 
