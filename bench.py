@@ -113,25 +113,27 @@ SMALL = ["--arch", "convnet", "--width", "8", "--hidden", "64", "--batch-size", 
 
 
 def trainer_run(device, shape, flags):
-    """A train_cifar.py run set up as for training (model, optimiser, generator, compiled step) on
-    fake CIFAR-shaped data, without its directory; and one batch of its images."""
+    """A train_cifar.py run built as for training (model, optimiser, compiled step) on fake
+    CIFAR-shaped data, without its directory; one batch of its images and a generator."""
     args = train_cifar.resolve_config(["--dataset", "fake", "--device", device, "--out", "unused", *shape, *flags])
-    run = train_cifar.start_run(args)
-    return args, run, run.data[0][:args.batch_size]
+    model, _, opt, images, _, _ = train_cifar.build(args, 1, torch.device(device))
+    gen = torch.Generator(device).manual_seed(0)
+    return args, model, opt, images[:args.batch_size], gen
 
 
 def step_timer(device, shape, flags):
-    args, run, x = trainer_run(device, shape, flags)
-    return lambda: train_cifar.train_step(run.forward, run.model, run.opt, x, args.lr, run.gen, args)
+    args, model, opt, x, gen = trainer_run(device, shape, flags)
+    forward = train_cifar.compile_step(args, x.device)
+    return lambda: train_cifar.train_step(forward, model, opt, x, args.lr, gen, args)
 
 
 def encoder_timer(device, shape):
     """The encoder's forward + backward on the views of a 2-view step, called per view as the step does."""
-    args, run, x = trainer_run(device, shape, [])
-    views = train_cifar.augment(x.repeat(2, 1, 1, 1), train_cifar.augmentation_noise(2 * len(x), run.gen), args)
+    args, model, _, x, gen = trainer_run(device, shape, [])
+    views = train_cifar.augment(x.repeat(2, 1, 1, 1), train_cifar.augmentation_noise(2 * len(x), gen), args)
     if device == "cuda":
         views = views.contiguous(memory_format=torch.channels_last)
-    encoder = run.model["encoder"]
+    encoder = model["encoder"]
 
     def step():
         with train_cifar.autocast(views.device):

@@ -233,7 +233,7 @@ def test_representations_measures_pixels_and_a_run_as_the_trainer_does(tmp_path)
     assert list(rows) == ["raw pixels", "encoder", "embedding", "whitened"]
     assert [rows[n][0] for n in rows] == [3 * 32 * 32, 64, 512, 512]
     args = train_cifar.resolve_config(["--dataset", "fake", "--limit", "384"])
-    _, (train_x, train_y, test_x, test_y) = train_cifar.load_data(args, torch.device("cpu"))
+    _, (train_x, train_y, test_x, test_y), _ = train_cifar.load_data(args, torch.device("cpu"))
     px, qx = train_x.flatten(1).float() / 255, test_x.flatten(1).float() / 255
     assert rows["raw pixels"][1]["knn5"] == pytest.approx(brute_force_knn(px, train_y, qx, test_y, 5), abs=1e-12)
     l2 = brute_force_knn(F.normalize(px, dim=1), train_y, F.normalize(qx, dim=1), test_y, 5)

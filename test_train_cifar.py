@@ -6,7 +6,6 @@ Runs are tiny (a convnet of width 16 on a few hundred images) so the file stays 
 """
 
 import importlib.util
-import io
 import json
 import math
 import os
@@ -23,6 +22,7 @@ import torch.nn.functional as F
 import torchvision
 from torchvision.transforms import v2
 
+import bookkeeping
 import train_cifar
 
 FASHION_DIR = "/usr/share/datasets/fashion-mnist"
@@ -204,7 +204,7 @@ CHANGED = {"dataset": ["cifar10"], "limit": ["256"], "arch": ["resnet18"], "widt
            "emb": ["256"], "method": ["wmse"], "views": ["3"], "groups": ["2"], "sub_batch": ["32"], "whiten": ["pca"],
            "iters": ["2"], "batch_size": ["64"], "view_size": ["16"], "crop_scale": ["0.5", "1.0"], "crop_ratio": ["1.0", "1.0"],
            "flip_p": ["0.0"], "jitter": ["0.0", "0.0", "0.0", "0.0"], "jitter_p": ["0.0"], "gray_p": ["0.0"],
-           "seed": ["1"]}
+           "seed": ["1"], "fixed_groups": []}
 
 
 def file_bytes(out):
@@ -216,6 +216,8 @@ def test_resume_refuses_a_change_to_a_defining_flag(tmp_path, capsys):
     run's value, the new one and --out, before anything is written: config, log and checkpoints are
     untouched, and a plain resume still finishes the run."""
     assert set(CHANGED) == set(train_cifar.DEFINING)
+    dests = {action.dest for action in train_cifar.build_parser()._actions}
+    assert set(train_cifar.DEFINING) | set(train_cifar.RESCHEDULING) <= dests
     out = run(tmp_path, "r", "--epochs", "2", "--probe-epochs", "0")["out"]
     config = json.loads((pathlib.Path(out) / "config.json").read_text())
     before = file_bytes(out)
@@ -226,7 +228,8 @@ def test_resume_refuses_a_change_to_a_defining_flag(tmp_path, capsys):
         message = str(exit_info.value.code)
         saved = " ".join(map(str, config[key])) if isinstance(config[key], list) else str(config[key])
         assert message.startswith("error:") and "\n" not in message, key
-        assert f"{flag} {' '.join(values)} (the run has {saved})" in message and "--out" in message, key
+        given = " ".join(values) or "True"  # a switch such as --fixed-groups
+        assert f"{flag} {given} (the run has {saved})" in message and "--out" in message, key
         assert file_bytes(out) == before, key
     same = train_cifar.main(["--resume", out, "--epochs", "3", "--batch-size", "128"])  # the run's own value
     assert same["status"] == "done" and [row["epoch"] for row in read_log(out)] == [1, 2, 3]
@@ -276,16 +279,19 @@ def test_damaged_last_checkpoint_falls_back_to_previous(tmp_path, capsys):
     assert message.startswith("error:") and "\n" not in message and "ckpt-prev.pt is damaged" in message
 
 
-def test_checkpoint_of_another_format_is_refused_by_name(tmp_path):
-    """A checkpoint of the format before per-process generators (one "gen") is refused with its
-    format named, not a KeyError."""
+@pytest.mark.parametrize("old_format", [2, None])
+def test_checkpoint_of_another_format_is_refused_by_name(tmp_path, old_format):
+    """A checkpoint of an earlier format (2, which held generator states, or the formats before
+    the key existed) is refused in one line that names its format, not a KeyError."""
     out = pathlib.Path(run(tmp_path, "f", "--epochs", "1", "--probe-epochs", "0")["out"])
     ck = torch.load(out / "ckpt.pt", weights_only=True)
-    old = {key: value for key, value in ck.items() if key not in ("format", "gens")}
-    torch.save({**old, "gen": ck["gens"][0][0]}, out / "ckpt.pt")
+    old = {key: value for key, value in ck.items() if key not in ("format", "world")}
+    old.update({"gens": [[torch.zeros(8, dtype=torch.uint8)]]}, **({"format": old_format} if old_format else {}))
+    torch.save(old, out / "ckpt.pt")
     with pytest.raises(SystemExit) as exit_info:
         train_cifar.main(["--resume", str(out), "--epochs", "2"])
-    assert "checkpoint of format 0" in str(exit_info.value.code)
+    message = str(exit_info.value.code)
+    assert f"checkpoint of format {old_format or '0 or 1'}," in message and "\n" not in message
 
 
 def test_sigkill_then_resume_logs_every_epoch_once(tmp_path):
@@ -424,7 +430,7 @@ def test_cifar_download_failure_is_one_message(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("flags,says", [
     (["--sub-batch", "48"], "sub-batches of 48"),                   # 48 does not divide the batch of 128
-    (["--method", "wmse", "--sub-batch", "32"], "sub_batch > c"),  # BW of 32 samples cannot whiten 64 channels
+    (["--method", "wmse", "--sub-batch", "32"], "--sub-batch > c"),  # BW of 32 samples cannot whiten 64 channels
     (["--batch-size", "1024"], "less than one batch"),
 ])
 def test_failed_start_creates_no_run_directory(tmp_path, flags, says):
@@ -455,33 +461,40 @@ def test_new_run_never_writes_over_another(tmp_path):
 
 
 def numeric_flags():
+    """{dest: argparse action} for every flag whose value is a number."""
     parser = train_cifar.build_parser()
-    return {action.dest: action.nargs for action in parser._actions if action.type in (int, float)}
+    numeric = [a for a in parser._actions if a.option_strings and a.dest not in ("help",)
+               and a.nargs != 0 and a.choices is None and a.type is not None]
+    return {action.dest: action for action in numeric}
 
 
 def bad_values(key):
-    """(argv, the range the message must name) for values just outside a flag's FLAG_RANGES entry."""
-    lowest, highest, open_low = train_cifar.FLAG_RANGES[key]
-    values = [lowest - 1] + ([lowest] if open_low else []) + ([highest + 0.5] if highest is not None else [])
-    count = numeric_flags()[key] or 1
-    count = 1 if count == "*" else count
-    says = train_cifar.describe_range(lowest, highest, open_low)
-    return [([f"--{key.replace('_', '-')}", *[str(v)] * count], says) for v in values]
+    """(argv, the range the message must name) for values just outside a flag's range."""
+    action = numeric_flags()[key]
+    rule = action.type
+    values = [rule.low - 1] + ([rule.low] if rule.open_low else []) + ([rule.high + 0.5] if rule.high is not None else [])
+    count = 1 if action.nargs in (None, "*") else action.nargs
+    return [([action.option_strings[0], *[str(v)] * count], rule.rule) for v in values]
 
 
-BAD_FLAGS = [case for key in sorted(train_cifar.FLAG_RANGES) for case in bad_values(key)] + [
+BAD_FLAGS = [case for key in sorted(numeric_flags()) for case in bad_values(key)] + [
     (["--lr", "-0.1"], "greater than 0"), (["--gray-p", "-0.1"], "in [0, 1]"),
     (["--crop-scale", "1", "0.5"], "low end first"), (["--crop-ratio", "2", "1"], "low end first"),
     (["--jitter", "0.4", "0.4", "0.4", "0.6"], "at most 0.5"), (["--device", "gpu"], "auto, cpu, cuda, cuda:N or mps"),
-    (["--device", "cuda:99"], "cuda"), (["--device", "tpu"], "auto, cpu, cuda"), (["--epochs", "ten"], "invalid int"),
+    (["--device", "cuda:99"], "cuda"), (["--device", "tpu"], "auto, cpu, cuda"),
+    (["--epochs", "ten"], "invalid int"), (["--lr", "fast"], "invalid float"),
     (["--dataset", "mnist"], "invalid choice"), (["--batch-size", "64", "--sub-batch", "48"], "sub-batches of 48")]
 if not torch.cuda.is_available():
-    BAD_FLAGS.append((["--device", "cuda"], "no CUDA device"))
+    BAD_FLAGS.append((["--device", "cuda"], "no such CUDA device"))
 
 
 def test_every_numeric_flag_has_a_range():
-    """FLAG_RANGES, the table the parser's values are checked against, covers every numeric flag."""
-    assert set(numeric_flags()) == set(train_cifar.FLAG_RANGES)
+    """Every numeric flag's argparse type is a Range, so that a bad value names its range; the
+    numeric flags are the ones the parser has, not a copy kept here."""
+    numeric = numeric_flags()
+    assert all(isinstance(action.type, train_cifar.Range) for action in numeric.values()), [
+        key for key, action in numeric.items() if not isinstance(action.type, train_cifar.Range)]
+    assert {"lr", "batch_size", "sub_batch", "crop_scale", "jitter", "seed"} <= set(numeric)
 
 
 @pytest.mark.parametrize("flags,says", BAD_FLAGS, ids=[" ".join(flags) for flags, _ in BAD_FLAGS])
@@ -512,47 +525,29 @@ def test_data_dir_without_fashion_mnist_is_an_error(tmp_path):
     assert not (tmp_path / "f").exists()
 
 
-class Terminal(io.StringIO):
-    def isatty(self):
-        return True
+def test_progress_line_every_ten_seconds(monkeypatch, capsys):
+    """At least every PROGRESS_EVERY_S seconds of an epoch a line gives the step, images/s, how
+    long an epoch takes and what is left of this one; nothing sooner, nor at the epoch's last
+    step (its row follows)."""
+    clock = [100.0]
+    monkeypatch.setattr(bookkeeping.time, "perf_counter", lambda: clock[0])
+    timing = bookkeeping.Timing(0.0, 100, 256)
+    timing.start_epoch(0)
+    for step, now in [(10, 105.0), (50, 110.0), (60, 112.0), (100, 130.0)]:
+        clock[0] = now
+        timing.tick(1, step)
+    assert capsys.readouterr().out == (
+        "epoch 1 step 50/100: 1280 img/s, 0m20s an epoch, 0m10s left in this one\n")
+    assert timing.end_epoch() == (30.0, 100 * 256 / 30.0)
 
 
-def test_progress_line(monkeypatch):
-    """On a terminal the progress line shows the epoch's step, images/s and time left, rewritten in
-    place and cleared; elsewhere a plain line, at most every PLAIN_EVERY_S seconds; nothing before
-    PROGRESS_AFTER_S seconds of an epoch, nor at its last step (its row follows)."""
-    clock = [0.0]
-    monkeypatch.setattr(train_cifar.time, "perf_counter", lambda: clock[0])
-    tty, plain = Terminal(), io.StringIO()
-    for stream in (tty, plain):
-        progress = train_cifar.Progress(stream)
-        progress.start(0)
-        clock[0] = 1.0
-        progress.show(1, 10, 100, 256)  # before PROGRESS_AFTER_S
-        clock[0] = 10.0
-        progress.show(1, 50, 100, 256)  # 0.2 s a step: 1280 img/s, 10 s left
-        clock[0] = 20.0
-        progress.show(1, 100, 100, 256)  # the epoch's last step
-        progress.clear()
-        clock[0] = 0.0
-    assert tty.getvalue() == "\r" + "epoch 1 step 50/100: 1280 img/s, 0m10s left in the epoch" + "\r" + " " * 56 + "\r"
-    assert plain.getvalue() == ""  # 10 s is less than PLAIN_EVERY_S
-    progress = train_cifar.Progress(plain)
-    progress.start(0)
-    clock[0] = 61.0
-    progress.show(1, 61, 100, 100)
-    progress.show(1, 62, 100, 100)  # not a minute after the last
-    assert plain.getvalue() == "epoch 1 step 61/100: 100 img/s, 0m39s left in the epoch\n"
-
-
-def test_progress_in_a_run_leaves_log_alone(tmp_path, monkeypatch):
-    """With a terminal on stdout and an epoch long enough, a run shows its progress at the
-    --check-every reads, and the log keeps its keys."""
-    monkeypatch.setattr(train_cifar, "PROGRESS_AFTER_S", 0.0)
-    monkeypatch.setattr(sys, "stdout", Terminal())
-    result = run(tmp_path, "p", "--epochs", "1", "--probe-epochs", "0", "--check-every", "2")
-    shown = sys.stdout.getvalue()
-    assert "\repoch 1 step 2/4:" in shown and "step 1/4" not in shown and "step 3/4" not in shown
+def test_progress_in_a_run_whatever_check_every(tmp_path, monkeypatch, capsys):
+    """A run shows its progress by wall time, not at --check-every reads (here never within the
+    epoch), and the log keeps its keys."""
+    monkeypatch.setattr(bookkeeping, "PROGRESS_EVERY_S", 0.0)
+    result = run(tmp_path, "p", "--epochs", "1", "--probe-epochs", "0", "--check-every", "50")
+    shown = capsys.readouterr().out
+    assert "epoch 1 step 1/4:" in shown and "epoch 1 step 3/4:" in shown and "step 4/4" not in shown
     assert read_log(result["out"])[0].keys() == EPOCH_KEYS
 
 
@@ -644,11 +639,11 @@ def test_step_compiles_to_one_graph(method):
     """The step's forward (augmentation, encoder, projector, loss), given its drawn randomness, is one
     graph for torch.compile: no graph breaks, so nothing in it waits for the host."""
     args = train_cifar.resolve_config(["--dataset", "fake", "--out", "unused", "--method", method, *TINY])
-    run = train_cifar.start_run(args)
-    x = run.data[0][:args.batch_size]
-    noise = train_cifar.augmentation_noise(args.views * len(x), run.gen)
+    model, _, _, images, _, _ = train_cifar.build(args, 1, torch.device("cpu"))
+    x, gen = images[:args.batch_size], torch.Generator().manual_seed(0)
+    noise = train_cifar.augmentation_noise(args.views * len(x), gen)
     explained = torch._dynamo.explain(train_cifar.forward_loss)(
-        run.model, x, noise, train_cifar.draw_partition(len(x), args, run.gen), args)
+        model, x, noise, train_cifar.draw_partition(len(x), args, gen), args)
     assert explained.graph_break_count == 0, explained.break_reasons
     assert explained.graph_count == 1
 
@@ -784,31 +779,23 @@ def write_stl10(data_dir, n_train=32, n_unlabeled=96, n_test=16):
     return written
 
 
-def torchvision_stl10(data_dir, split, monkeypatch):
-    """torchvision's own reader of the binary files, its checksums (of the real files) skipped."""
+def test_stl10_loader_reads_the_binary_files(tmp_path, monkeypatch):
+    """Pre-training images are train then unlabeled at 96x96, in the orientation they were
+    written; the bank is the labelled train split and the test split, with labels 0..9 and shrunk
+    to 64x64 by the evaluation transform; --limit keeps the first N of each."""
+    written = write_stl10(tmp_path)
     monkeypatch.setattr(torchvision.datasets.STL10, "_check_integrity", lambda self: True)
-    ds = torchvision.datasets.STL10(str(data_dir), split=split)
-    return torch.from_numpy(ds.data), torch.from_numpy(ds.labels).long()
-
-
-def test_stl10_loader_reads_the_binary_files_as_torchvision(tmp_path, monkeypatch):
-    """Pre-training images are train+unlabeled at 96x96, in torchvision's order and orientation;
-    the bank is the labelled train split and the test split, both with torchvision's labels and
-    shrunk to 64x64; --limit keeps the first N of each."""
-    write_stl10(tmp_path)
-    pretrain, bank_x, bank_y, test_x, test_y = train_cifar.load_stl10(str(tmp_path))
-    reference_pretrain, _ = torchvision_stl10(tmp_path, "train+unlabeled", monkeypatch)
-    reference_train, reference_train_y = torchvision_stl10(tmp_path, "train", monkeypatch)
-    reference_test, reference_test_y = torchvision_stl10(tmp_path, "test", monkeypatch)
+    pretrain, (bank_x, bank_y, test_x, test_y) = train_cifar.load_stl10(str(tmp_path))
     assert pretrain.dtype == torch.uint8 and pretrain.shape == (128, 3, 96, 96)
-    assert torch.equal(pretrain, reference_pretrain)
-    assert torch.equal(bank_y, reference_train_y) and torch.equal(test_y, reference_test_y)
+    assert torch.equal(pretrain, torch.cat([written["train"][0], written["unlabeled"][0]]))
+    assert torch.equal(bank_y, written["train"][1]) and torch.equal(test_y, written["test"][1])
     assert bank_x.shape == (32, 3, 64, 64) and test_x.shape == (16, 3, 64, 64) and bank_x.dtype == torch.uint8
-    assert torch.equal(bank_x, train_cifar.stl10_eval_images(reference_train))
-    assert torch.equal(test_x, train_cifar.stl10_eval_images(reference_test))
-    limited = train_cifar.load_stl10(str(tmp_path), limit=40)
-    assert [len(t) for t in limited] == [40, 32, 32, 16, 16]
-    assert torch.equal(limited[0], pretrain[:40])
+    assert torch.equal(bank_x, train_cifar.stl10_eval_images(written["train"][0]))
+    assert torch.equal(test_x, train_cifar.stl10_eval_images(written["test"][0]))
+    args = train_cifar.resolve_config(["--dataset", "stl10", "--data-dir", str(tmp_path), "--limit", "40"])
+    limited, splits, _ = train_cifar.load_data(args, torch.device("cpu"))
+    assert [len(t) for t in [limited, *splits]] == [40, 32, 32, 16, 16]
+    assert torch.equal(limited, pretrain[:40])
 
 
 def test_stl10_eval_images_match_pil_resize_and_centre_crop():
@@ -905,6 +892,7 @@ def test_stl10_and_tiny_imagenet_train_one_epoch(tmp_path, monkeypatch, dataset)
     """A 1-epoch run on each dataset's files trains on 64x64 views (STL-10's cut from its 96x96
     images), normalises with the released constants, and evaluates on its labelled splits."""
     (write_stl10 if dataset == "stl10" else write_tiny_imagenet)(tmp_path / "data")
+    monkeypatch.setattr(torchvision.datasets.STL10, "_check_integrity", lambda self: True)  # the real files' md5
     shapes = training_view_shapes(monkeypatch)
     result = train_cifar.main(["--dataset", dataset, "--data-dir", str(tmp_path / "data"), *SMALL_RUN,
                                "--out", str(tmp_path / "run")])
@@ -1141,7 +1129,7 @@ def test_augment_recipe_views_match_the_released_pipeline(dataset):
     if dataset == "fashion-mnist":
         if not os.path.isdir(FASHION_DIR):
             pytest.skip(f"{FASHION_DIR} absent (Debian package dataset-fashion-mnist)")
-        x = train_cifar.load_fashion_mnist(FASHION_DIR)[0][:1500]
+        x = train_cifar.load_fashion_mnist(FASHION_DIR)[0][0][:1500]
     else:
         x = colour_images(1500, 32, 4)
     assert_statistics_agree(*recipe_views(x, recipe(), 5), RECIPE_ALLOWANCE)

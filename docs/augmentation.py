@@ -73,7 +73,7 @@ def main(n):
         row(f"{part} alone, colour", *jitter_part(part, n))
     datasets = {"colour": t.colour_images(n, 32, 4)}
     if os.path.isdir(t.FASHION_DIR):
-        datasets["Fashion-MNIST"] = train_cifar.load_fashion_mnist(t.FASHION_DIR)[0][:n]
+        datasets["Fashion-MNIST"] = train_cifar.load_fashion_mnist(t.FASHION_DIR)[0][0][:n]
     for name, x in datasets.items():
         for mode in (v2.InterpolationMode.BICUBIC, v2.InterpolationMode.BILINEAR):
             row(f"recipe, {name}, torchvision {mode.value}", *whole_recipe(x, mode))

@@ -72,7 +72,7 @@ def gaussian():
 
 def main():
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    train_x = train_cifar.load_fashion_mnist(train_cifar.DEFAULT_DATA_DIR)[0][:256]
+    train_x = train_cifar.load_fashion_mnist(train_cifar.DEFAULT_DATA_DIR)[0][0][:256]
     pixels = train_x.float() / 255
     for arch in ("resnet18", "convnet"):
         torch.manual_seed(0)

@@ -95,7 +95,7 @@ def main(argv=None):
         args, weights = train_cifar.build_parser().parse_args(["--dataset", opts.pixels]), None
     args.probe_epochs = opts.probe_epochs
     args.limit = opts.limit if opts.limit is not None else args.limit
-    _, (train_x, train_y, test_x, test_y) = train_cifar.load_data(args, device)
+    _, (train_x, train_y, test_x, test_y), _ = train_cifar.load_data(args, device)
     rows = [("raw pixels", train_x[0].numel(), scores(pixels(train_x), train_y, pixels(test_x), test_y, args))]
     if weights is not None:
         mean, std = (torch.zeros(train_x.shape[1]), torch.ones(train_x.shape[1]))  # buffers come from the checkpoint
