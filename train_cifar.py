@@ -11,7 +11,7 @@ E-25. The frozen encoder is evaluated by 5-NN (Euclidean), 200-NN (cosine) and a
     python train_cifar.py --dataset fashion-mnist     # the CPU recipe: a small convnet, 30 epochs
     python train_cifar.py --method wmse               # W-MSE (BW, Cholesky) through the same loop
     python train_cifar.py --resume runs/NAME          # continue a stopped run exactly
-    torchrun --nproc_per_node 4 train_cifar.py        # data parallel, each process whitens its share
+    torchrun --nproc_per_node 4 train_cifar.py        # data parallel: each whitens its share
 
 The images stay on the device as uint8 and all views of a batch are made there in one call. A
 step's randomness (views, partitions) is drawn outside it from a generator seeded by (seed, step,
@@ -70,23 +70,29 @@ class Range:
         return value
 
 COUNT, AT_LEAST_0, AT_LEAST_2 = Range(int, 1), Range(int, 0), Range(int, 2)
-POSITIVE, NON_NEGATIVE, PROBABILITY = Range(float, 0, open_low=True), Range(float, 0), Range(float, 0, 1)
-FRACTION = Range(float, 0, 1, open_low=True)
+POSITIVE, FRACTION = Range(float, 0, open_low=True), Range(float, 0, 1, open_low=True)
+NON_NEGATIVE, PROBABILITY = Range(float, 0), Range(float, 0, 1)
 
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, as every other refusal of the trainer
         sys.exit(f"error: {message} (python train_cifar.py --help lists the flags)")
 
 def build_parser():
-    p = Parser(description="CW-RGP self-supervised pre-training; defaults are the CIFAR recipe",
-               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add = p.add_argument
-    add("--dataset", default="cifar10", help="fashion-mnist brings the CPU recipe's defaults; "
-        "fake: random images, for tests", choices=["cifar10", "cifar100", "stl10",
-                                                    "tiny-imagenet", "fashion-mnist", "fake"])
+    parser = Parser(description="CW-RGP self-supervised pre-training; defaults: the CIFAR recipe",
+                    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_recipe_flags(parser.add_argument)
+    add_run_flags(parser.add_argument)
+    return parser
+
+def add_recipe_flags(add):
+    """The data, the networks, the loss, the optimiser and the views."""
+    datasets = ["cifar10", "cifar100", "stl10", "tiny-imagenet", "fashion-mnist", "fake"]
+    add("--dataset", choices=datasets, default="cifar10",
+        help="fashion-mnist brings the CPU recipe's defaults; fake: random images, for tests")
     add("--data-dir", default=DEFAULT_DATA_DIR, help="where the dataset is, or is downloaded to")
     add("--limit", type=COUNT, help="use only the first N train (and test) images")
-    add("--arch", choices=["resnet18", "convnet"], default="resnet18", help="fashion-mnist: convnet")
+    add("--arch", choices=["resnet18", "convnet"], default="resnet18",
+        help="fashion-mnist: convnet")
     add("--width", type=AT_LEAST_2, default=48, help="convnet width (its second block)")
     add("--pool", type=COUNT, default=1, help="convnet features: the last map pooled to k x k "
         "(fashion-mnist: 3)")
@@ -119,6 +125,9 @@ def build_parser():
         help="brightness contrast saturation hue")
     add("--jitter-p", type=PROBABILITY, default=0.8)
     add("--gray-p", type=PROBABILITY, default=0.1)
+
+def add_run_flags(add):
+    """Evaluation, device, checkpoints."""
     add("--eval-every", type=COUNT, default=10, help="kNN every N epochs (fashion-mnist: 5)")
     add("--knn-k", type=COUNT, default=200, help="k of the cosine-weighted kNN")
     add("--knn-t", type=POSITIVE, default=0.1, help="its temperature")
@@ -135,7 +144,6 @@ def build_parser():
     add("--out", help="directory of a new run (default runs/DATASET-METHOD-TIME)")
     add("--save-every", type=COUNT, default=10, help="checkpoint every N epochs")
     add("--resume", metavar="DIR", help="continue the run in DIR from its checkpoint")
-    return p
 
 DEFAULT_DATA_DIR = "./data"
 WMSE = {"emb": 64, "groups": 1, "sub_batch": 128, "whiten": "cholesky"}
@@ -257,7 +265,8 @@ def load_fashion_mnist(data_dir):
             return [x.unsqueeze(1), y.long(), test_x.unsqueeze(1), test_y.long()], folder
     if data_dir != DEFAULT_DATA_DIR:
         sys.exit(f"error: --data-dir {data_dir} does not hold Fashion-MNIST (the four *-ubyte.gz "
-                 f"files, there or in FashionMNIST/raw); leave it out to use {SYSTEM_FASHION_MNIST}")
+                 f"files, there or in FashionMNIST/raw); leave it out to use "
+                 f"{SYSTEM_FASHION_MNIST}")
     sys.exit(f"error: Fashion-MNIST is not in {data_dir} or {SYSTEM_FASHION_MNIST}: install "
              f"Debian's dataset-fashion-mnist, or put the four *-ubyte.gz files in {data_dir}")
 
@@ -325,7 +334,8 @@ def decode_jpegs(files):
     (grayscale becomes RGB)."""
     images = torch.empty(len(files), 3, 64, 64, dtype=torch.uint8)  # filled, never held twice
     for i, (path, _) in enumerate(files):
-        image = torchvision.transforms.functional.pil_to_tensor(torchvision.datasets.folder.pil_loader(path))
+        rgb = torchvision.datasets.folder.pil_loader(path)
+        image = torchvision.transforms.functional.pil_to_tensor(rgb)
         if image.shape != images.shape[1:]:
             sys.exit(f"error: {path} is not 64x64 RGB: unzip {TINY_IMAGENET_URL} again")
         images[i] = image
@@ -470,7 +480,8 @@ def build_model(args, mean, std):
 def normalization(args, images):
     """The released constants where the dataset has them, else its training images' statistics."""
     if args.dataset in DATASETS:
-        return [torch.tensor(DATASETS[args.dataset][key]).to(images.device) for key in ("mean", "std")]
+        constants = DATASETS[args.dataset]
+        return [torch.tensor(constants[key]).to(images.device) for key in ("mean", "std")]
     pixels = images.float() / 255
     return pixels.mean((0, 2, 3)), pixels.std((0, 2, 3))
 
@@ -533,7 +544,8 @@ def compile_step(args, device):
         return forward_loss
     if device.type != "cuda" or args.compile_backend != "inductor":
         return torch.compile(forward_loss, backend=args.compile_backend)
-    graphed = torch.compile(forward_loss, mode="reduce-overhead")  # CUDA graphs: no launch per kernel
+    # CUDA graphs (mode reduce-overhead) replay the step without a launch per kernel
+    graphed = torch.compile(forward_loss, mode="reduce-overhead")
 
     def forward(*inputs):
         torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs are done with
@@ -621,7 +633,8 @@ def linear_probe(train_f, train_y, test_f, test_y, args):
         return (probe(test_f).argmax(1) == test_y).float().mean().item()
 
 def evaluate(encoder, data, args, epoch):
-    """kNN every --eval-every epochs and at the end, the linear probe at the end; None if not run."""
+    """kNN every --eval-every epochs and at the end, the linear probe at the end; None if not
+    run."""
     bank_x, bank_y, test_x, test_y = data
     scores = dict.fromkeys(("knn_top1", "knn5_top1", "knn5_l2_top1", "linear_top1"))
     if epoch % args.eval_every and epoch != args.epochs:
@@ -643,7 +656,8 @@ def channel_spectrum(z):
     return [float(f"{v:.4g}") for v in eigenvalues.tolist()]
 
 def whitened_by_sub_batch(z, args):
-    """The whitening as the loss sees it: consecutive sub-batches, groups of consecutive channels."""
+    """The whitening as the loss sees it: consecutive sub-batches, groups of consecutive
+    channels."""
     whiten = channel_whiten if args.method == "cwrgp" else batch_whiten
     return torch.cat([whiten(part, args.groups, args.whiten, args.eps)
                       for part in z.split(args.sub_batch)])
@@ -703,10 +717,10 @@ def stopped(args, state, files, upto, bad=None, error=None):
     cause = (f"rank-deficient whitening; try --eps 1e-4 (a resume may add it), or in a new run "
              f"{fix} (or a lower --lr, if the network diverged)" if fix else
              "the network diverged; try a lower --lr (a resume may lower it)")
-    kept = os.path.exists(files.ckpt)
+    kept = (f"Kept the last checkpoint in {args.out}" if os.path.exists(files.ckpt)
+            else "No checkpoint was saved yet")
     message = (f"stopped: non-finite loss at step {step + 1} (epoch {step // steps_per_epoch + 1}):"
-               f" {reason}. Likely cause: {cause}. "
-               f"{f'Kept the last checkpoint in {args.out}' if kept else 'No checkpoint was saved yet'}.")
+               f" {reason}. Likely cause: {cause}. {kept}.")
     if files.rank == 0 or error:
         print(message, file=sys.stderr)
     return {"status": "nonfinite", "out": args.out, "log": state["log"], "message": message}
@@ -839,9 +853,9 @@ def main(argv=None):
         files = RunFiles(config, model, opt, rank, world)
         state = files.load() if args.resume else new_state()
         if state["epochs_logged"] >= args.epochs:
-            print(f"{args.out} is finished at epoch {state['epochs_logged']}: nothing to do. Continue "
-                  f"it with --resume {args.out} --epochs N for N > {state['epochs_logged']}",
-                  file=sys.stderr)
+            done = state["epochs_logged"]
+            print(f"{args.out} is finished at epoch {done}: nothing to do. Continue it with "
+                  f"--resume {args.out} --epochs N for N > {done}", file=sys.stderr)
             return {"status": "finished", "out": args.out, "log": state["log"], "model": model}
         if rank == 0:
             schedule_notes(args, len(images) // args.batch_size)
