@@ -117,6 +117,18 @@ def test_readme_snippet_runs_and_prints_what_it_computes(capsys):
     assert all(re.search(r"\d", line) for line in printed.strip().splitlines())
 
 
+def test_module_docstring_loss_in_plain_torch_equals_cw_rgp_loss():
+    """cwrgp.py opens with the CW-RGP loss in ten lines of plain torch, a doctest that checks it
+    equals cw_rgp_loss on a fixed input and partition; every example in the module must pass."""
+    import doctest
+
+    import cwrgp
+
+    failed, attempted = doctest.testmod(cwrgp)
+    assert attempted > 0, "cwrgp.py's docstring lost its example"
+    assert failed == 0, "cwrgp.py's docstring example fails (the doctest report is above)"
+
+
 def test_readme_api_table_has_the_real_signatures():
     import inspect
 
