@@ -220,6 +220,48 @@ def test_figure_legends_tell_runs_of_one_config_apart():
     assert labels[2].startswith("W-MSE")
 
 
+def kept_run_as_directory(figures, name, directory):
+    """A run directory, as the trainer writes one, holding the kept log docs/logs/<name>.*."""
+    directory.mkdir()
+    (directory / "log.jsonl").write_bytes((figures.LOGS / f"{name}.jsonl").read_bytes())
+    (directory / "config.json").write_bytes((figures.LOGS / f"{name}.config.json").read_bytes())
+    return str(directory)
+
+
+def test_figures_command_line_writes_where_it_is_told(tmp_path, monkeypatch, capsys):
+    """docs/figures.py: --help is help, no arguments is an error that rewrites nothing, several
+    runs go to --out or the current directory (never into a run's folder), one run into its own."""
+    figures = load_figures()
+    with pytest.raises(SystemExit) as stopped:
+        figures.main(["--help"])
+    assert stopped.value.code == 0 and "--docs" in capsys.readouterr().out
+    tracked = {path: path.stat().st_mtime_ns for path in figures.DOCS.glob("*.png")}
+    for argv in ([], ["--docs", "runs/a"]):
+        with pytest.raises(SystemExit) as stopped:
+            figures.main(argv)
+        assert stopped.value.code == 2 and "usage:" in capsys.readouterr().err
+    assert {path: path.stat().st_mtime_ns for path in figures.DOCS.glob("*.png")} == tracked
+    runs = [kept_run_as_directory(figures, f"spectrum-{name}", tmp_path / name)
+            for name in ("wmse", "cwrgp")]
+    drawn = {"training.png", "spectrum.png"}
+    figures.main([*runs, "--out", str(tmp_path / "compared")])
+    monkeypatch.chdir(tmp_path)
+    figures.main(runs)
+    for folder in ("compared", "."):
+        assert {path.name for path in (tmp_path / folder).glob("*.png")} == drawn
+    for run in runs:
+        assert not list(pathlib.Path(run).glob("*.png")), "several runs were drawn into one of them"
+    figures.main(runs[:1])
+    assert {path.name for path in (tmp_path / "wmse").glob("*.png")} == drawn
+
+
+def test_figures_stable_rank_axis_is_linear_over_a_small_range():
+    figures = load_figures()
+    assert figures.rank_scale([0.5, 0.55, 0.6]) == "linear"  # a short run: log would look flat
+    assert figures.rank_scale([0.002, 0.05]) == "log"
+    assert figures.rank_scale([]) == figures.rank_scale([0.0, 0.5]) == "linear"
+
+
 def brute_force_knn(bank, bank_y, query, query_y, k):
     """k-NN majority vote by explicit distances (ties to the lowest class)."""
     nearest = torch.cdist(query.double(), bank.double()).topk(k, dim=1, largest=False).indices
