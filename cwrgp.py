@@ -432,6 +432,10 @@ def _whiten_one(z, axis, groups, method, solver, eps, perm):
         return _whiten(z, axis, groups, method, _resolve_solver(solver, z.device), eps, perm)
 
 def _check_loss(views, axis, groups, sub_batch, iters, method, eps, solver):
+    if len(views) == 1 and isinstance(views[0], (list, tuple)):
+        raise ValueError(f"the views were passed as one {type(views[0]).__name__}: pass them as "
+                         "separate arguments, e.g. cw_rgp_loss(z1, z2), or unpack the "
+                         f"{type(views[0]).__name__}: cw_rgp_loss(*views)")
     if len(views) < 2:
         raise ValueError(f"the loss needs at least two views, got {len(views)}")
     for v in views:
@@ -486,9 +490,11 @@ def _check_whitenable(axis, b, c, groups, eps):
                          f"sub-batches of {b}: use a smaller sub_batch, fewer groups, or eps > 0")
 
 def _check_embedding(z):
-    if not isinstance(z, torch.Tensor) or z.ndim != 2:
-        shape = getattr(z, "shape", type(z).__name__)
-        raise ValueError(f"expected a (b, d) embedding tensor, got {shape}")
+    if not isinstance(z, torch.Tensor):
+        raise ValueError(f"the embedding must be a torch.Tensor, got {torch.typename(z)}: convert "
+                         "it with torch.from_numpy(z) (a NumPy array) or torch.as_tensor(z)")
+    if z.ndim != 2:
+        raise ValueError(f"expected a (b, d) embedding tensor, got {z.shape}")
     if z.is_complex() or z.dtype == torch.bool:
         raise ValueError("the embedding must be real (a floating or integer tensor), got "
                          f"{z.dtype}")
