@@ -90,25 +90,23 @@ def whitening_loss(*views, axis="channel", groups=4, sub_batch=None, iters=1, me
         views, axis, groups, sub_batch, iters, method, eps, solver)
     V, device = len(views), views[0].device
     if partition is None:
-        samples, channels = random_group_partition(
-            V, m, d, groups, sub_batch, iters, generator, device)
+        partition = random_group_partition(V, m, d, groups, sub_batch, iters, generator, device)
     else:
-        samples, channels = _check_partition(
-            partition, generator, (iters, m), (iters, V, m // sub_batch, d))
+        _check_partition(partition, generator, (iters, m), (iters, V, m // sub_batch, d))
+    samples, channels = partition
     z = torch.stack(views)
     with torch.autocast(z.device.type, enabled=False):
         # float32 at least (no half-precision decompositions); index_select's backward is a row copy
         z = z.to(torch.promote_types(z.dtype, torch.float32))
         shuffled = z.index_select(1, samples.flatten())
         grouped = rearrange(shuffled, "v (i s b) d -> i v s b d", i=iters, b=sub_batch)
-        perm = None if groups == 1 else channels  # one group: nothing to permute
+        perm = None if groups == 1 else channels  # groups=1 draws the identity: skip it
         white = _whiten(grouped, axis, groups, method, solver, eps, perm)  # Φ(Z)
         if normalize:
             white = F.normalize(white, dim=-1)
         first, second = torch.triu_indices(V, V, 1, device=device)
         # (1/m)‖Φ(Z_v) − Φ(Z_w)‖²_F for every pair v < w, then the mean over pairs and repetitions
-        differences = white.index_select(1, first) - white.index_select(1, second)
-        return differences.pow(2).sum(-1).mean()
+        return (white.index_select(1, first) - white.index_select(1, second)).pow(2).sum(-1).mean()
 
 def cw_rgp_loss(*views, **kw):
     """whitening_loss with CW_RGP, the paper's CIFAR recipe (CW, ZCA, groups=4, sub_batch=64);
@@ -158,20 +156,19 @@ def random_group_partition(views, batch, dim, groups, sub_batch=None, iters=1, g
     groups, iters = _check_groups(groups, dim), _positive_int(iters, "iters")
     sub_batch = _check_sub_batch(sub_batch, batch)
     if generator is not None and not isinstance(generator, torch.Generator):
-        raise ValueError("generator must be a torch.Generator (or None), got "
-                         f"{type(generator).__name__}")
+        raise ValueError(f"generator must be a torch.Generator, got {type(generator).__name__}")
     draw_device = generator.device if generator is not None else device
-    shape = (iters, views, batch // sub_batch, dim)
-    if sub_batch == batch:
-        samples = torch.arange(batch, device=draw_device).expand(iters, batch)
-    else:
-        samples = torch.rand(iters, batch, generator=generator, device=draw_device).argsort(-1)
-    if groups == 1:
-        channels = torch.arange(dim, device=draw_device).expand(shape)
-    else:  # argsort of iid uniforms is a uniformly random permutation, for all (i, v, s) at once
-        keys = torch.rand(shape, generator=generator, device=draw_device, dtype=torch.float64)
-        channels = keys.argsort(-1)
+    samples = _permutations((iters, batch), sub_batch < batch, generator, draw_device)
+    channels = _permutations((iters, views, batch // sub_batch, dim), groups > 1, generator,
+                             draw_device, torch.float64)
     return samples.to(device), channels.to(device)
+
+def _permutations(shape, random, generator, device, dtype=None):
+    """Permutations of range(shape[-1]) along the last axis: uniformly random if `random` (the
+    argsort of iid uniforms, all at once), else the identity, which draws nothing."""
+    if not random:
+        return torch.arange(shape[-1], device=device).expand(shape)
+    return torch.rand(shape, generator=generator, device=device, dtype=dtype).argsort(-1)
 
 
 # ── 3. Batch and channel whitening: centre, group, the covariance, whiten its rows ─────────────
@@ -200,10 +197,9 @@ def _whiten(z, axis, groups, method, solver, eps, perm):
     over its c channels, BW its c channels over the b samples (Ẑ = Z̄Wᵀ is Ẑᵀ = WZ̄ᵀ)."""
     if perm is not None:
         z = z.gather(-1, perm.unsqueeze(-2).expand_as(z))
-    if axis == "channel":
-        z, rows = z - z.mean(-1, keepdim=True), "g b c"  # one mean per sample, over all d channels
-    else:
-        z, rows = z - z.mean(-2, keepdim=True), "g c b"  # one mean per channel, over the b samples
+    # CW: one mean per sample, over all d channels; BW: one mean per channel, over the b samples
+    mean_axis, rows = (-1, "g b c") if axis == "channel" else (-2, "g c b")
+    z = z - z.mean(mean_axis, keepdim=True)
     x = rearrange(z, f"... b (g c) -> ... {rows}", g=groups)
     out = rearrange(_whiten_rows(x, method, solver, eps), f"... {rows} -> ... b (g c)")
     if perm is not None:  # channel k back to perm[k]; the scatter's backward is a gather
@@ -227,9 +223,9 @@ def _covariance(x, eps):
     of Σ would be a third of λ_min (docs/paper-to-code.md, what differs)."""
     x = x.double()
     cov = einsum(x, x, "... n k, ... n2 k -> ... n n2") / (x.shape[-1] - 1)
-    if not eps:
-        return cov
-    return (1 - eps) * cov + eps * torch.eye(cov.shape[-1], dtype=cov.dtype, device=cov.device)
+    if eps:
+        cov = (1 - eps) * cov + eps * torch.eye(cov.shape[-1], dtype=cov.dtype, device=cov.device)
+    return cov
 
 
 # ── 4. Whitening matrices W with WΣWᵀ = I: ZCA by eigh or Newton–Schulz, Cholesky, PCA ─────────
@@ -290,12 +286,11 @@ def _zca_newton(cov, x, relative_tolerance):
     """ZCA by the coupled Newton–Schulz iteration, Z → (Σ/τ)^(-1/2), W = Z/√τ: matrix products
     only, equal to eigh with its gradient (autograd through the steps) wherever the rule accepts
     Σ."""
-    n = cov.shape[-1]
-    eye = torch.eye(n, dtype=cov.dtype, device=cov.device)
+    eye = torch.eye(cov.shape[-1], dtype=cov.dtype, device=cov.device)
     # τ = tr Σ puts Y₀'s eigenvalues in (0, 1]
     tau = cov.detach().diagonal(dim1=-2, dim2=-1).sum(-1)[..., None, None]
     Y, Z = cov / tau, eye.expand_as(cov)
-    for _ in range(newton_steps(relative_tolerance, n)):
+    for _ in range(newton_steps(relative_tolerance, cov.shape[-1])):
         T = (3 * eye - Z @ Y) / 2  # T = (3I − ZY)/2, Y ← YT, Z ← TZ
         Y, Z = Y @ T, T @ Z
     unconverged = ~((Z @ Y - eye).detach().abs().amax((-2, -1)) <= NEWTON_RESIDUAL)
@@ -378,12 +373,10 @@ def stable_rank(z):
 NON_FINITE = ("covariance contains NaN or Inf: the embedding is not finite (the network diverged: "
               "lower the learning rate or check the inputs)")
 SINGULAR = ("covariance is singular (numerically rank-deficient): the embedding does not span its "
-            "group. Use eps > 0 (shrinkage), or reshape the problem: batch whitening needs "
-            "sub_batch > channels per group, channel whitening needs channels per group >= "
-            "sub_batch.")
+            "group. Use eps > 0 (shrinkage), or reshape: batch whitening needs sub_batch > "
+            "channels per group, channel whitening needs channels per group >= sub_batch.")
 PCA_TIES = ("PCA whitening has no gradient where two eigenvalues of the covariance coincide (its "
-            "eigenvectors are not unique there): use method 'zca' or 'cholesky', or detach the "
-            "input")
+            "eigenvectors are not unique): use method 'zca' or 'cholesky', or detach the input")
 ASYMMETRIC = ("cov is not symmetric (beyond rounding): a covariance is symmetric, and W cov Wᵀ = I "
               "needs one")
 
@@ -434,8 +427,7 @@ def _whiten_one(z, axis, groups, method, solver, eps, perm):
 def _check_loss(views, axis, groups, sub_batch, iters, method, eps, solver):
     if len(views) == 1 and isinstance(views[0], (list, tuple)):
         raise ValueError(f"the views were passed as one {type(views[0]).__name__}: pass them as "
-                         "separate arguments, e.g. cw_rgp_loss(z1, z2), or unpack the "
-                         f"{type(views[0]).__name__}: cw_rgp_loss(*views)")
+                         "separate arguments, e.g. cw_rgp_loss(z1, z2) or cw_rgp_loss(*views)")
     if len(views) < 2:
         raise ValueError(f"the loss needs at least two views, got {len(views)}")
     for v in views:
@@ -457,13 +449,11 @@ def _check_partition(partition, generator, samples_shape, channels_shape):
     samples, channels = partition
     _check_permutation(samples, samples_shape, "partition's samples")
     _check_permutation(channels, channels_shape, "partition's channels")
-    return samples, channels
 
 def _check_covariance(cov, method):
     _check_choice(method, "method", METHODS)
     shape = tuple(getattr(cov, "shape", ()))
-    square = len(shape) >= 2 and shape[-1] == shape[-2] and shape[-1] > 0
-    if not isinstance(cov, torch.Tensor) or not square:
+    if not isinstance(cov, torch.Tensor) or len(shape) < 2 or not 0 < shape[-1] == shape[-2]:
         raise ValueError(f"cov must be (..., n, n) with n ≥ 1, got shape {shape}")
     if cov.is_complex() or cov.dtype == torch.bool:
         raise ValueError(f"cov must be real, got {cov.dtype}")
@@ -472,8 +462,7 @@ def _check_covariance(cov, method):
 def _check_whitenable(axis, b, c, groups, eps):
     """The shape rules (docs/derivations.md §3); b is the number of samples whitened together."""
     if axis == "batch" and b < 2:
-        raise ValueError("batch whitening needs at least 2 samples to estimate a covariance, "
-                         f"got {b}")
+        raise ValueError(f"batch whitening needs at least 2 samples for a covariance, got {b}")
     if axis == "batch" and eps == 0 and b <= c:
         raise ValueError(f"batch whitening of {b} samples cannot whiten c={c} channels per group: "
                          f"centring leaves rank {b - 1} < c. Need sub_batch > c: use a larger "
@@ -482,10 +471,8 @@ def _check_whitenable(axis, b, c, groups, eps):
         raise ValueError(f"channel whitening needs at least 2 channels per group, got c={c}")
     # Centring is per sample over all d channels, so with one group it removes one of c dimensions.
     if axis == "channel" and eps == 0 and (c - 1 if groups == 1 else c) < b:
-        if groups == 1:
-            rule = "c > sub_batch (with groups=1 centring removes one dimension)"
-        else:
-            rule = "c >= sub_batch"
+        rule = ("c > sub_batch (with groups=1 centring removes one dimension)" if groups == 1
+                else "c >= sub_batch")
         raise ValueError(f"channel whitening needs {rule}, got c={c} channels per group for "
                          f"sub-batches of {b}: use a smaller sub_batch, fewer groups, or eps > 0")
 
@@ -496,25 +483,21 @@ def _check_embedding(z):
     if z.ndim != 2:
         raise ValueError(f"expected a (b, d) embedding tensor, got {z.shape}")
     if z.is_complex() or z.dtype == torch.bool:
-        raise ValueError("the embedding must be real (a floating or integer tensor), got "
-                         f"{z.dtype}")
+        raise ValueError(f"the embedding must be real (floating or integer), got {z.dtype}")
     if z.numel() == 0:
-        raise ValueError(f"the embedding is empty: got shape {tuple(z.shape)}, need b ≥ 1 samples "
-                         "and d ≥ 1 channels")
+        raise ValueError(f"the embedding is empty, shape {tuple(z.shape)}: it needs b, d ≥ 1")
 
 def _check_permutation(perm, shape, name):
-    integer = isinstance(perm, torch.Tensor) and not (
-        perm.is_floating_point() or perm.is_complex() or perm.dtype == torch.bool)
-    if not integer:
-        kind = getattr(perm, "dtype", type(perm))
-        raise ValueError(f"{name} must be an integer tensor of permutations, got {kind}")
+    if not isinstance(perm, torch.Tensor):
+        raise ValueError(f"{name} must be an integer tensor, got {torch.typename(perm)}")
+    if perm.is_floating_point() or perm.is_complex() or perm.dtype == torch.bool:
+        raise ValueError(f"{name} must be an integer tensor of permutations, got {perm.dtype}")
     if tuple(perm.shape) != tuple(shape):
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(perm.shape)}")
-    if not _host_reads_allowed():  # compiled or captured: the values cannot be looked at
-        return
-    identity = torch.arange(shape[-1], device=perm.device).expand(shape)
-    if not torch.equal(perm.sort(-1).values, identity):
-        raise ValueError(f"{name} must hold permutations of range({shape[-1]}) along its last axis")
+    if _host_reads_allowed():  # compiled or captured, the values cannot be looked at
+        identity = torch.arange(shape[-1], device=perm.device).expand(shape)
+        if not torch.equal(perm.sort(-1).values, identity):
+            raise ValueError(f"{name} must be permutations of range({shape[-1]}) on its last axis")
 
 def _check_sub_batch(sub_batch, b):
     sub_batch = b if sub_batch is None else _positive_int(sub_batch, "sub_batch")
