@@ -117,6 +117,18 @@ def test_readme_snippet_runs_and_prints_what_it_computes(capsys):
     assert all(re.search(r"\d", line) for line in printed.strip().splitlines())
 
 
+def test_module_docstring_loss_in_plain_torch_equals_cw_rgp_loss():
+    """cwrgp.py opens with the CW-RGP loss in ten lines of plain torch, a doctest that checks it
+    equals cw_rgp_loss on a fixed input and partition; every example in the module must pass."""
+    import doctest
+
+    import cwrgp
+
+    failed, attempted = doctest.testmod(cwrgp)
+    assert attempted > 0, "cwrgp.py's docstring lost its example"
+    assert failed == 0, "cwrgp.py's docstring example fails (the doctest report is above)"
+
+
 def test_readme_api_table_has_the_real_signatures():
     import inspect
 
@@ -206,6 +218,48 @@ def test_figure_legends_tell_runs_of_one_config_apart():
     labels = figures.labels([*same, other])
     assert labels[:2] == ["runs/a", "runs/b"]
     assert labels[2].startswith("W-MSE")
+
+
+def kept_run_as_directory(figures, name, directory):
+    """A run directory, as the trainer writes one, holding the kept log docs/logs/<name>.*."""
+    directory.mkdir()
+    (directory / "log.jsonl").write_bytes((figures.LOGS / f"{name}.jsonl").read_bytes())
+    (directory / "config.json").write_bytes((figures.LOGS / f"{name}.config.json").read_bytes())
+    return str(directory)
+
+
+def test_figures_command_line_writes_where_it_is_told(tmp_path, monkeypatch, capsys):
+    """docs/figures.py: --help is help, no arguments is an error that rewrites nothing, several
+    runs go to --out or the current directory (never into a run's folder), one run into its own."""
+    figures = load_figures()
+    with pytest.raises(SystemExit) as stopped:
+        figures.main(["--help"])
+    assert stopped.value.code == 0 and "--docs" in capsys.readouterr().out
+    tracked = {path: path.stat().st_mtime_ns for path in figures.DOCS.glob("*.png")}
+    for argv in ([], ["--docs", "runs/a"]):
+        with pytest.raises(SystemExit) as stopped:
+            figures.main(argv)
+        assert stopped.value.code == 2 and "usage:" in capsys.readouterr().err
+    assert {path: path.stat().st_mtime_ns for path in figures.DOCS.glob("*.png")} == tracked
+    runs = [kept_run_as_directory(figures, f"spectrum-{name}", tmp_path / name)
+            for name in ("wmse", "cwrgp")]
+    drawn = {"training.png", "spectrum.png"}
+    figures.main([*runs, "--out", str(tmp_path / "compared")])
+    monkeypatch.chdir(tmp_path)
+    figures.main(runs)
+    for folder in ("compared", "."):
+        assert {path.name for path in (tmp_path / folder).glob("*.png")} == drawn
+    for run in runs:
+        assert not list(pathlib.Path(run).glob("*.png")), "several runs were drawn into one of them"
+    figures.main(runs[:1])
+    assert {path.name for path in (tmp_path / "wmse").glob("*.png")} == drawn
+
+
+def test_figures_stable_rank_axis_is_linear_over_a_small_range():
+    figures = load_figures()
+    assert figures.rank_scale([0.5, 0.55, 0.6]) == "linear"  # a short run: log would look flat
+    assert figures.rank_scale([0.002, 0.05]) == "log"
+    assert figures.rank_scale([]) == figures.rank_scale([0.0, 0.5]) == "linear"
 
 
 def brute_force_knn(bank, bank_y, query, query_y, k):

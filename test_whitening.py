@@ -540,6 +540,11 @@ def views_of(b, d, count=2):
     (lambda: whitening_loss(*views_of(16, 16), axis="channel", groups=2, sub_batch=16), r"c >= sub_batch"),
     (lambda: whitening_loss(*views_of(8, 8), axis="channel", groups=1, sub_batch=8), r"c > sub_batch \(with groups=1"),
     (lambda: whitening_loss(*views_of(8, 16, count=1)), "at least two views"),
+    (lambda: cw_rgp_loss(views_of(8, 16)), r"one list: pass them as separate arguments, e\.g\. "
+                                           r"cw_rgp_loss\(z1, z2\)"),
+    (lambda: cw_rgp_loss(tuple(views_of(8, 16))), r"one tuple: .* cw_rgp_loss\(\*views\)"),
+    (lambda: cw_rgp_loss(*[v.numpy() for v in views_of(8, 16)]),
+     r"must be a torch\.Tensor, got numpy\.ndarray: convert it with torch\.from_numpy"),
     (lambda: whitening_loss(*views_of(8, 16), embedding(0, 8, 12, torch.float32)), "same"),
     (lambda: whitening_loss(torch.zeros(2, 8, 16), torch.zeros(2, 8, 16)), r"\(b, d\)"),
     (lambda: whitening_loss(*views_of(8, 16), axis="rows"), "axis"),

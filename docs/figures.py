@@ -3,30 +3,38 @@ Figures from the trainer's logs (runs/<name>/log.jsonl and config.json).
 
   training.png  kNN top-1 and normalised stable rank per epoch, one line per run
   spectrum.png  one panel per run: eigenvalues of the channel covariance of the embedding (first,
-                middle and last epoch) and of the whitened output (last epoch), on the epoch's last batch
+                middle and last epoch) and of the whitened output (last epoch), on the epoch's
+                last batch
   claims.png    what CW-RGP's random group partition and channel whitening are for: the 5-NN and
-                the embedding's stable rank against the batch size (CW-RGP, BW with ZCA, W-MSE) and
-                against the number of groups g (CW-RGP), from the short runs kept as docs/logs/sweep-*
+                the embedding's stable rank against the batch size (CW-RGP, BW with ZCA, W-MSE)
+                and against the number of groups g (CW-RGP), from the short runs kept as
+                docs/logs/sweep-*
 and one from cwrgp.py itself:
   whitening.png a 2-D embedding batch-whitened by ZCA, Cholesky and PCA, and how far each output
                 moves when the embedding moves by δ near a repeated eigenvalue (derivations 1, 2, 6)
 
     pip install -r docs/requirements.txt
-    python docs/figures.py                       # redraw docs/*.png from the runs kept in docs/logs/
-    python docs/figures.py runs/A runs/B         # draw both figures for your own runs, into runs/A
+    python docs/figures.py runs/A                        # training.png, spectrum.png into runs/A
+    python docs/figures.py runs/A runs/B --out figures/  # both runs in each figure, into figures/
+    python docs/figures.py --docs                        # docs/*.png from the runs in docs/logs/
 
-With no arguments it reads the kept runs by name from docs/logs/: <name>.jsonl (a run's log.jsonl)
-beside <name>.config.json (its config.json); training.png from fmnist-cwrgp, fmnist-wmse and
+Several runs are written into the current directory unless --out says where: never into one of
+the runs. The stable-rank axis is logarithmic where the ranks span ten times or more, linear
+otherwise (a short run's small changes would look flat on a log axis).
+
+--docs reads the kept runs by name from docs/logs/: <name>.jsonl (a run's log.jsonl) beside
+<name>.config.json (its config.json); training.png from fmnist-cwrgp, fmnist-wmse and
 fmnist-plain, spectrum.png from spectrum-wmse and spectrum-cwrgp. To put a new run there, copy its
 two files under those names. Runs whose configs would get the same legend label are labelled by
 their directory (or log) name instead.
 
-Redraws are byte-identical on one machine with the same library versions (the data are the logs or
-seeded, and the PNGs carry no version or date). With another matplotlib, or another LAPACK, a few
-pixels can differ: the PCA curve of whitening.png sits where the eigenvectors' signs are decided by
-rounding.
+Redraws are byte-identical on one machine with the same library versions (the data are the logs
+or seeded, and the PNGs carry no version or date). With another matplotlib, or another LAPACK, a
+few pixels can differ: the PCA curve of whitening.png sits where the eigenvectors' signs are
+decided by rounding.
 """
 
+import argparse
 import json
 import pathlib
 import sys
@@ -42,43 +50,60 @@ sys.path.insert(0, str(DOCS.parent))
 from cwrgp import batch_whiten  # noqa: E402
 LOGS = DOCS / "logs"
 RAW_PIXEL_KNN5 = 0.855  # 5-NN Euclidean on raw pixels in [0, 1], docs/results.md
-RAW_PIXEL_KNN5_10K = 0.818  # the same with the first 10,000 training images as the bank (the sweep's), docs/results.md
+# the same with the first 10,000 training images as the bank (the sweep's), docs/results.md
+RAW_PIXEL_KNN5_10K = 0.818
 
 
-# No "Software" entry: the bytes of a redraw then depend on the pixels alone, not on matplotlib's version.
+# No "Software" entry: the bytes of a redraw then depend on the pixels alone, not on matplotlib's
+# version.
 SAVE = {"dpi": 120, "metadata": {"Software": None}}
 
 
 def load_run(log, config, name):
     rows = [json.loads(line) for line in pathlib.Path(log).read_text().splitlines() if line.strip()]
-    return {"epochs": [row for row in rows if "loss" in row], "config": json.loads(pathlib.Path(config).read_text()),
-            "name": name}
+    return {"epochs": [row for row in rows if "loss" in row],
+            "config": json.loads(pathlib.Path(config).read_text()), "name": name}
 
 
 def label(config):
     if config["method"] == "plain":
         return "no whitening"
     name, axis = ("CW-RGP", "CW") if config["method"] == "cwrgp" else ("W-MSE", "BW")
-    return f"{name} ({axis}, {config['whiten']}, d={config['emb']}, g={config['groups']}, sub-batch {config['sub_batch']})"
+    return (f"{name} ({axis}, {config['whiten']}, d={config['emb']}, g={config['groups']}, "
+            f"sub-batch {config['sub_batch']})")
 
 
 def labels(runs):
     """One legend label per run: its config's, or its name where two configs would read the same."""
     by_config = [label(run["config"]) for run in runs]
-    return [run["name"] if by_config.count(text) > 1 else text for run, text in zip(runs, by_config)]
+    return [run["name"] if by_config.count(text) > 1 else text
+            for run, text in zip(runs, by_config)]
+
+
+def rank_scale(ranks):
+    """"log" where the stable ranks span ten times or more, else "linear": a short run's small
+    changes would look flat on a log axis."""
+    if not ranks or min(ranks) <= 0:  # nothing drawn, or a zero rank, which a log axis cannot show
+        return "linear"
+    return "log" if max(ranks) >= 10 * min(ranks) else "linear"
 
 
 def training_figure(runs, path, title):
     fig, (knn, rank) = plt.subplots(1, 2, figsize=(10, 3.8))
+    drawn_ranks = []
     for run, text in zip(runs, labels(runs)):
         rows = [row for row in run["epochs"] if row.get("knn5_top1") is not None]
         epochs = [row["epoch"] for row in rows]
+        ranks = [row["stable_rank"] / run["config"]["emb"] for row in rows]
         knn.plot(epochs, [row["knn5_top1"] for row in rows], marker="o", label=text)
-        rank.plot(epochs, [row["stable_rank"] / run["config"]["emb"] for row in rows], marker="o")
-    if all(run["config"]["dataset"] == "fashion-mnist" and not run["config"]["limit"] for run in runs):
+        rank.plot(epochs, ranks, marker="o")
+        drawn_ranks += ranks
+    fashion_mnist = [run["config"]["dataset"] == "fashion-mnist" for run in runs]
+    if all(fashion_mnist) and not any(run["config"]["limit"] for run in runs):
         knn.axhline(RAW_PIXEL_KNN5, color="gray", linestyle="--", label="raw pixels")
     knn.set(xlabel="epoch", ylabel="5-NN top-1 (test)", title=title)
-    rank.set(xlabel="epoch", ylabel="stable rank / d", yscale="log", title="embedding stable rank (normalised)")
+    rank.set(xlabel="epoch", ylabel="stable rank / d", yscale=rank_scale(drawn_ranks),
+             title="embedding stable rank (normalised)")
     knn.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, **SAVE)
@@ -110,18 +135,22 @@ def spectrum_figure(runs, path, title):
     return True
 
 
-SWEEP_METHODS = {"cwrgp": "CW-RGP (CW, ZCA, d=512, g=4)", "bwzca": "BW, ZCA, d=512, g=4", "wmse": "W-MSE (BW, Cholesky, d=64)"}
+SWEEP_METHODS = {"cwrgp": "CW-RGP (CW, ZCA, d=512, g=4)", "bwzca": "BW, ZCA, d=512, g=4",
+                 "wmse": "W-MSE (BW, Cholesky, d=64)"}
 
 
 def sweep_points(prefix):
     """{seed: last epoch's row} of the kept runs docs/logs/sweep-<prefix>-s<seed>.jsonl."""
-    return {path.stem.rsplit("-s", 1)[1]: load_run(path, path.with_suffix(".config.json"), path.stem)["epochs"][-1]
-            for path in sorted(LOGS.glob(f"sweep-{prefix}-s*.jsonl"))}
+    points = {}
+    for path in sorted(LOGS.glob(f"sweep-{prefix}-s*.jsonl")):
+        seed = path.stem.rsplit("-s", 1)[1]
+        points[seed] = load_run(path, path.with_suffix(".config.json"), path.stem)["epochs"][-1]
+    return points
 
 
 def plot_sweep(axes, xs, prefix_of, style, text, dim, refused_at=None):
-    """Mean over seeds (line) and each seed (dots) of the 5-NN and the normalised stable rank; an x on
-    5-NN axis at height refused_at where a setting was refused (no log)."""
+    """Mean over seeds (line) and each seed (dots) of the 5-NN and the normalised stable rank; an x
+    on 5-NN axis at height refused_at where a setting was refused (no log)."""
     knn, rank = axes
     done = [(x, sweep_points(prefix_of(x))) for x in xs]
     done = [(x, list(points.values())) for x, points in done if points]
@@ -130,16 +159,20 @@ def plot_sweep(axes, xs, prefix_of, style, text, dim, refused_at=None):
     xs_done = [x for x, _ in done]
     mean = lambda rows, key: sum(r[key] for r in rows) / len(rows)  # noqa: E731
     line, = knn.plot(xs_done, [mean(rows, "knn5_top1") for _, rows in done], style, label=text)
-    rank.plot(xs_done, [mean(rows, "stable_rank") / dim for _, rows in done], style, color=line.get_color())
+    rank.plot(xs_done, [mean(rows, "stable_rank") / dim for _, rows in done], style,
+              color=line.get_color())
     for x, rows in done:
         knn.plot([x] * len(rows), [r["knn5_top1"] for r in rows], ".", color=line.get_color())
-        rank.plot([x] * len(rows), [r["stable_rank"] / dim for r in rows], ".", color=line.get_color())
+        rank.plot([x] * len(rows), [r["stable_rank"] / dim for r in rows], ".",
+                  color=line.get_color())
     refused = [x for x in xs if x not in xs_done]
     if refused_at is not None:
-        knn.plot(refused, [refused_at] * len(refused), "x", color=line.get_color(), markersize=9, clip_on=False)
+        knn.plot(refused, [refused_at] * len(refused), "x", color=line.get_color(), markersize=9,
+                 clip_on=False)
 
 
-REFUSED_AT = 0.61  # the claims figure marks a refused setting at the 5-NN axis' foot, one row per method
+# the claims figure marks a refused setting at the 5-NN axis' foot, one row per method
+REFUSED_AT = 0.61
 
 
 def claims_figure(path, raw_knn5):
@@ -147,20 +180,25 @@ def claims_figure(path, raw_knn5):
     fig, axes = plt.subplots(1, 4, figsize=(18, 4.4))
     for row, (method, text) in enumerate(SWEEP_METHODS.items()):
         dim = 64 if method == "wmse" else 512
-        plot_sweep(axes[:2], batches, lambda b: f"{method}-b{b}", "-o", text, dim, REFUSED_AT + 0.012 * row)
-        plot_sweep(axes[:2], batches, lambda b: f"{method}-b{b}-eps", "--^", f"{text}, with shrinkage ε", dim)
-    # g = 8 cuts 512 channels into c = 64, which cannot whiten sub-batches of 64 (c must exceed b): sub-batch 32 there
+        plot_sweep(axes[:2], batches, lambda b: f"{method}-b{b}", "-o", text, dim,
+                   REFUSED_AT + 0.012 * row)
+        plot_sweep(axes[:2], batches, lambda b: f"{method}-b{b}-eps", "--^",
+                   f"{text}, with shrinkage ε", dim)
+    # g = 8 cuts 512 channels into c = 64, which cannot whiten sub-batches of 64 (c must exceed b):
+    # sub-batch 32 there
     prefix = lambda g: {4: "cwrgp-b256", 8: "cwrgp-g8-sb32"}.get(g, f"cwrgp-g{g}")  # noqa: E731
-    plot_sweep(axes[2:], groups, prefix, "-o", "CW-RGP, batch 256 (sub-batch 64; 32 at g = 8)", 512, REFUSED_AT)
+    plot_sweep(axes[2:], groups, prefix, "-o", "CW-RGP, batch 256 (sub-batch 64; 32 at g = 8)", 512,
+               REFUSED_AT)
     for ax in (axes[0], axes[2]):
         ax.axhline(raw_knn5, color="gray", linestyle=":", label="raw pixels")
         ax.set_ylim(bottom=0.6, top=0.9)
-    axes[0].set(xscale="log", xticks=batches, xticklabels=batches, xlabel="batch size", ylabel="5-NN top-1 (test)",
-                title="5-NN by batch size (x: refused)")
-    axes[1].set(xscale="log", xticks=batches, xticklabels=batches, yscale="log", xlabel="batch size",
-                ylabel="stable rank / d", title="embedding stable rank by batch size")
-    axes[2].set(xscale="log", xticks=groups, xticklabels=groups, xlabel="groups g", ylabel="5-NN top-1 (test)",
-                title="CW-RGP: 5-NN by groups")
+    axes[0].set(xscale="log", xticks=batches, xticklabels=batches, xlabel="batch size",
+                ylabel="5-NN top-1 (test)", title="5-NN by batch size (x: refused)")
+    axes[1].set(xscale="log", xticks=batches, xticklabels=batches, yscale="log",
+                xlabel="batch size", ylabel="stable rank / d",
+                title="embedding stable rank by batch size")
+    axes[2].set(xscale="log", xticks=groups, xticklabels=groups, xlabel="groups g",
+                ylabel="5-NN top-1 (test)", title="CW-RGP: 5-NN by groups")
     axes[3].set(xscale="log", xticks=groups, xticklabels=groups, yscale="log", xlabel="groups g",
                 ylabel="stable rank / d", title="CW-RGP: stable rank by groups")
     axes[0].legend(fontsize=7)
@@ -174,10 +212,13 @@ def claims_figure(path, raw_knn5):
 def whitening_figure(path):
     gen = torch.Generator().manual_seed(0)
     angle = torch.tensor(0.5)
-    rotation = torch.stack([torch.stack([angle.cos(), -angle.sin()]), torch.stack([angle.sin(), angle.cos()])])
-    z = torch.randn(300, 2, generator=gen, dtype=torch.float64) * torch.tensor([2.0, 0.5], dtype=torch.float64)
+    rotation = torch.stack([torch.stack([angle.cos(), -angle.sin()]),
+                            torch.stack([angle.sin(), angle.cos()])])
+    z = torch.randn(300, 2, generator=gen, dtype=torch.float64)
+    z = z * torch.tensor([2.0, 0.5], dtype=torch.float64)
     z = z @ rotation.double().T
-    hue = torch.atan2(z[:, 1], z[:, 0])  # each point keeps its colour, so the panels show where it went
+    # each point keeps its colour, so the panels show where it went
+    hue = torch.atan2(z[:, 1], z[:, 0])
     panels = {"embedding Z̄": z - z.mean(0)}
     names = {"zca": "ZCA", "cholesky": "Cholesky", "pca": "PCA"}
     panels.update({f"{names[m]}-whitened (BW)": batch_whiten(z, method=m) for m in names})
@@ -193,41 +234,85 @@ def whitening_figure(path):
     deltas = torch.logspace(-10, -1, 28, dtype=torch.float64)
     for method, style in (("zca", "-"), ("cholesky", "--"), ("pca", "-o")):
         before = batch_whiten(z, method=method)
-        moved = [(batch_whiten(z + d * direction, method=method) - before).norm() / before.norm() for d in deltas]
+        moved = [(batch_whiten(z + d * direction, method=method) - before).norm() / before.norm()
+                 for d in deltas]
         axes[4].plot(deltas, torch.stack(moved), style, markersize=3, label=names[method])
-    axes[4].set(xscale="log", yscale="log", xlabel="δ (size of the move of Z)", ylabel="relative change of the output",
-                title="near-equal eigenvalues (gap 2e-6)")
+    axes[4].set(xscale="log", yscale="log", xlabel="δ (size of the move of Z)",
+                ylabel="relative change of the output", title="near-equal eigenvalues (gap 2e-6)")
     axes[4].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, **SAVE)
 
 
-def main(run_dirs):
-    if run_dirs:
-        # A run that has not finished its first epoch has no log yet: there is nothing of it to draw.
-        logged = [pathlib.Path(d) for d in run_dirs if (pathlib.Path(d) / "log.jsonl").exists()]
-        for d in run_dirs:
-            if pathlib.Path(d) not in logged:
-                print(f"skipped {d}: no log.jsonl (the run has not logged an epoch)")
-        if not logged:
-            sys.exit("error: none of these directories holds a log.jsonl: nothing to draw")
-        runs = [load_run(d / "log.jsonl", d / "config.json", d.resolve().name) for d in logged]
-        out = logged[0]
-        training_figure(runs, out / "training.png", f"{runs[0]['config']['dataset']}")
-        print(f"wrote {out / 'training.png'}")
-        if spectrum_figure(runs, out / "spectrum.png", "channel covariance of one view's batch"):
-            print(f"wrote {out / 'spectrum.png'}")
-        else:
-            print("no spectrum.png: none of these logs records eigenvalue spectra")
-        return
-    kept = lambda name: load_run(LOGS / f"{name}.jsonl", LOGS / f"{name}.config.json", name)  # noqa: E731
-    training_figure([kept(f"fmnist-{m}") for m in ("cwrgp", "wmse", "plain")], DOCS / "training.png",
-                    "Fashion-MNIST, convnet, 2-core CPU")
-    spectrum_figure([kept(f"spectrum-{m}") for m in ("wmse", "cwrgp")], DOCS / "spectrum.png",
-                    "Fashion-MNIST (20k images), convnet, 2-core CPU: channel covariance of one view's batch of 256")
-    whitening_figure(DOCS / "whitening.png")
-    claims_figure(DOCS / "claims.png", RAW_PIXEL_KNN5_10K)
+def draw_runs(run_dirs, out):
+    """training.png and spectrum.png of the trainer's runs, into out (None: a single run's own
+    directory, the current directory for several)."""
+    # A run that has not finished its first epoch has no log yet: there is nothing of it to draw.
+    logged = [pathlib.Path(d) for d in run_dirs if (pathlib.Path(d) / "log.jsonl").exists()]
+    for d in run_dirs:
+        if pathlib.Path(d) not in logged:
+            print(f"skipped {d}: no log.jsonl (the run has not logged an epoch)")
+    if not logged:
+        sys.exit("error: none of these directories holds a log.jsonl: nothing to draw")
+    runs = [load_run(d / "log.jsonl", d / "config.json", d.resolve().name) for d in logged]
+    if out is None:
+        out = logged[0] if len(logged) == 1 else pathlib.Path()
+    out.mkdir(parents=True, exist_ok=True)
+    training_figure(runs, out / "training.png", f"{runs[0]['config']['dataset']}")
+    print(f"wrote {out / 'training.png'}")
+    if spectrum_figure(runs, out / "spectrum.png", "channel covariance of one view's batch"):
+        print(f"wrote {out / 'spectrum.png'}")
+    else:
+        print("no spectrum.png: none of these logs records eigenvalue spectra")
+
+
+def draw_docs(out):
+    """docs/*.png from the runs kept in docs/logs/, into out."""
+    def kept(name):
+        return load_run(LOGS / f"{name}.jsonl", LOGS / f"{name}.config.json", name)
+
+    out.mkdir(parents=True, exist_ok=True)
+    training_figure([kept(f"fmnist-{m}") for m in ("cwrgp", "wmse", "plain")],
+                    out / "training.png", "Fashion-MNIST, convnet, 2-core CPU")
+    spectrum_figure([kept(f"spectrum-{m}") for m in ("wmse", "cwrgp")], out / "spectrum.png",
+                    "Fashion-MNIST (20k images), convnet, 2-core CPU: channel covariance of one "
+                    "view's batch of 256")
+    whitening_figure(out / "whitening.png")
+    claims_figure(out / "claims.png", RAW_PIXEL_KNN5_10K)
+    for name in ("training", "spectrum", "whitening", "claims"):
+        print(f"wrote {out / name}.png")
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(
+        prog="docs/figures.py",
+        description="Draw training.png and spectrum.png from the trainer's runs, or redraw the "
+                    "tracked docs/*.png from the runs kept in docs/logs/.")
+    parser.add_argument("runs", nargs="*", metavar="RUN",
+                        help="a run directory holding log.jsonl and config.json; several runs are "
+                             "drawn into one figure")
+    parser.add_argument("--out", type=pathlib.Path, metavar="DIR",
+                        help="write the figures into DIR, created if missing (default: a single "
+                             "run's own directory; for several runs the current directory; with "
+                             "--docs, docs/)")
+    parser.add_argument("--docs", action="store_true",
+                        help="redraw docs/training.png, spectrum.png, whitening.png and claims.png "
+                             "from docs/logs/ (the only way to rewrite them)")
+    args = parser.parse_args(argv)
+    if args.docs and args.runs:
+        parser.error("--docs draws from docs/logs/: give run directories or --docs, not both")
+    if not args.docs and not args.runs:
+        parser.error("nothing to draw: give run directories, or --docs to redraw docs/*.png")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.docs:
+        draw_docs(args.out or DOCS)
+    else:
+        draw_runs(args.runs, args.out)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()
