@@ -176,9 +176,30 @@ def test_trainer_commands_in_the_docs_parse():
     for page, argv in commands:
         try:
             train_cifar.build_parser().parse_args(argv)
-        except SystemExit:
-            bad.append(f"{page.relative_to(ROOT)}: python train_cifar.py {shlex.join(argv)}")
+        except SystemExit as stop:  # --help exits with 0 after printing the flags
+            if stop.code:
+                bad.append(f"{page.relative_to(ROOT)}: python train_cifar.py {shlex.join(argv)}")
     assert not bad, "commands in the docs that train_cifar.py refuses:\n" + "\n".join(bad)
+
+
+def test_readme_and_results_stay_short():
+    """A README that fits a screen or two, and a results page that reads as a document."""
+    for name, most in (("README.md", 150), ("docs/results.md", 400)):
+        lines = len((ROOT / name).read_text().splitlines())
+        assert lines <= most, f"{name} has {lines} lines; at most {most}"
+
+
+def test_training_page_commands_are_checked():
+    """docs/training.md's commands are among those test_trainer_commands_in_the_docs_parse parses."""
+    page = ROOT / "docs" / "training.md"
+    assert sum(1 for where, _ in trainer_commands() if where == page) >= 5
+
+
+def test_docs_name_no_placeholder_address():
+    placeholders = [f"{page.relative_to(ROOT)}:{number}: {line.strip()}"
+                    for page in PAGES for number, line in enumerate(page.read_text().splitlines(), 1)
+                    if re.search(r"<this repository|git\+<|URL>", line)]
+    assert not placeholders, "placeholder addresses in the docs:\n" + "\n".join(placeholders)
 
 
 def test_docs_cite_the_paper_and_the_code_not_a_tracker():
