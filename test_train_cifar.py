@@ -456,16 +456,21 @@ def test_interrupt_after_unchecked_nan_does_not_save(tmp_path, monkeypatch):
 
 
 def test_cifar_download_failure_is_one_message(tmp_path, monkeypatch):
-    """Without network, --dataset cifar10 exits with one message that says what to do."""
+    """Without network, --dataset cifar10 exits with one message that says what to do (the whole
+    CPU command among it), and leaves neither a run directory nor an empty --data-dir."""
     def offline(*args, **kwargs):
         raise urllib.error.URLError("no network")
 
-    monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
+    def offline_after_making_its_folder(root, **kwargs):
+        os.makedirs(root, exist_ok=True)  # as torchvision's download does before it fails
+        offline()
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline_after_making_its_folder)
     with pytest.raises(SystemExit) as exit_info:
-        train_cifar.main(["--dataset", "cifar10", "--data-dir", str(tmp_path), "--out", str(tmp_path / "c")])
+        train_cifar.main(["--dataset", "cifar10", "--data-dir", str(tmp_path / "data"), "--out", str(tmp_path / "c")])
     message = str(exit_info.value.code)
-    assert "cifar.html" in message and "--dataset fashion-mnist" in message
-    assert not (tmp_path / "c").exists()
+    assert "cifar.html" in message and "python train_cifar.py --dataset fashion-mnist" in message
+    assert not (tmp_path / "c").exists() and not (tmp_path / "data").exists()  # no empty --data-dir left
 
 
 @pytest.mark.parametrize("flags,says", [
@@ -547,6 +552,46 @@ def test_bad_flag_is_one_error_line(tmp_path, flags, says):
     assert message.startswith("error:") and "\n" not in message
     assert flags[-2 if flags[0] == "--batch-size" else 0] in message and says in message
     assert not (tmp_path / "bad").exists()
+
+
+def test_fashion_mnist_brings_the_cpu_recipe_and_help_shows_defaults(capsys):
+    """--dataset fashion-mnist alone is the CPU recipe (convnet, --pool 3, crops of 50-100 %, 30
+    epochs, drops at 27 and 29, kNN every 5); a flag given still wins; --help shows defaults."""
+    args = train_cifar.resolve_config(["--dataset", "fashion-mnist"])
+    recipe = (args.arch, args.pool, args.crop_scale, args.epochs, args.drop_at, args.eval_every)
+    assert recipe == ("convnet", 3, [0.5, 1.0], 30, [3, 1], 5)
+    assert train_cifar.resolve_config(["--dataset", "fashion-mnist", "--arch", "resnet18"]).arch == "resnet18"
+    assert train_cifar.resolve_config(["--method", "wmse"]).emb == 64
+    with pytest.raises(SystemExit):
+        train_cifar.build_parser().parse_args(["--help"])
+    assert "(default: 0.003)" in capsys.readouterr().out
+
+
+def test_schedule_that_cannot_run_as_asked_is_one_note_each(capsys):
+    """A warm-up longer than the run and an lr drop at or before epoch 0 are each one note line."""
+    args = train_cifar.resolve_config(["--epochs", "2", "--drop-at", "3", "1"])
+    train_cifar.schedule_notes(args, 4)
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2 and all(line.startswith("note: ") for line in err)
+    assert "--warmup 500 is longer than the run's 8 steps" in err[0] and "--drop-at 3" in err[1]
+    train_cifar.schedule_notes(train_cifar.resolve_config(["--epochs", "200"]), 196)
+    assert capsys.readouterr().err == ""
+
+
+def test_start_says_what_runs_and_config_names_the_code(tmp_path, capsys):
+    """The start prints the command, the data path read, the device and the flags that differ from
+    the CIFAR recipe, and a legend of the table's columns; config.json keeps every flag, the path
+    read, the git commit and the torch version."""
+    result = run(tmp_path, "start", "--epochs", "1", "--probe-epochs", "0")
+    out = capsys.readouterr().out
+    assert "command: python train_cifar.py --dataset fake" in out and "data: random images" in out
+    assert "device: cpu" in out and "differs from the CIFAR recipe: --dataset fake --limit 512" in out
+    assert "srank/d: the embedding's stable rank over its width" in out
+    config = json.loads((pathlib.Path(result["out"]) / "config.json").read_text())
+    assert config["torch"] == torch.__version__ and config["data_path"] == "random images"
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+    assert config["commit"] in (None, commit, commit + "-dirty") and config["lr"] == 3e-3
 
 
 def test_no_warmup_starts_at_the_base_rate():
