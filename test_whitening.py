@@ -345,16 +345,21 @@ def test_rank_deficient_input_is_refused_or_shrunk_to_its_rank(axis, method, ran
 # 6. Gradients
 
 @settings(max_examples=40, deadline=None)
-@given(problems(dtype=torch.float64, margin=3), seeds, st.booleans())
-@example(("batch", "zca", 13, 4, 4, torch.float64), 528, True)
-def test_whitening_gradients_match_finite_differences(problem, seed, permute):
-    """gradcheck (float64) of batch_whiten and channel_whiten for every method and partition, on
-    draws whose Σ is well conditioned: at cond(Σ) ≳ 1e5 finite differences cannot check a gradient
-    at any step (the next test checks those against autograd through the reference)."""
+@given(problems(dtype=torch.float64, margin=3), seeds, st.booleans(), st.sampled_from([0.0, 0.1, 0.5]))
+@example(("batch", "zca", 13, 4, 4, torch.float64), 528, True, 0.0)
+@example(("channel", "zca", 3, 2, 10, torch.float64), 7, True, 0.5)
+def test_whitening_gradients_match_finite_differences(problem, seed, permute, eps):
+    """gradcheck (float64) of batch_whiten and channel_whiten for every method and partition, with
+    and without shrinkage ε, on draws whose Σ is well conditioned: at cond(Σ) ≳ 1e5 finite
+    differences cannot check a gradient at any step (the next test checks those against autograd
+    through the reference)."""
     axis, method, b, groups, c, _ = problem
     z = embedding(seed, b, groups * c, requires_grad=True)
     perm = random_perm(seed, groups * c) if permute else None
-    assert torch.autograd.gradcheck(lambda x: WHITEN[axis](x, groups=groups, method=method, perm=perm), (z,))
+
+    def whiten(x):
+        return WHITEN[axis](x, groups=groups, method=method, eps=eps, perm=perm)
+    assert torch.autograd.gradcheck(whiten, (z,))
 
 
 @settings(max_examples=40, deadline=None)
@@ -373,15 +378,16 @@ def test_whitening_gradients_match_autograd_through_the_reference(problem, seed,
 
 
 @settings(max_examples=12, deadline=None)
-@given(problems(dtype=torch.float64, methods=("zca", "cholesky"), max_groups=2, margin=3), seeds, st.booleans())
-def test_loss_gradients_match_finite_differences(problem, seed, normalize):
-    """gradcheck (float64) of the whitening loss for two views with two sub-batches: gradients flow
-    through the whitening, nothing is detached."""
+@given(problems(dtype=torch.float64, methods=("zca", "cholesky"), max_groups=2, margin=3), seeds, st.booleans(),
+       st.sampled_from([0.0, 0.3]))
+def test_loss_gradients_match_finite_differences(problem, seed, normalize, eps):
+    """gradcheck (float64) of the whitening loss for two views with two sub-batches, with and
+    without shrinkage: gradients flow through the whitening, nothing is detached."""
     axis, method, b, groups, c, _ = problem
     views = [embedding(seed + v, 2 * b, groups * c, requires_grad=True) for v in range(2)]
 
     def loss(*vs):
-        return whitening_loss(*vs, axis=axis, groups=groups, sub_batch=b, method=method,
+        return whitening_loss(*vs, axis=axis, groups=groups, sub_batch=b, method=method, eps=eps,
                               normalize=normalize, generator=torch.Generator().manual_seed(seed))
     assert torch.autograd.gradcheck(loss, views)
 
@@ -944,3 +950,67 @@ def test_stable_rank_is_never_nan(dtype):
     expected = stable_rank(z).item()
     for power in (-30, -19, 19, 30):
         assert stable_rank(z * 10.0 ** power).item() == pytest.approx(expected, rel=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------
+# 12. Gradients with shrinkage (ε > 0)
+
+@st.composite
+def shrunk_problems(draw, singular=False):
+    """(axis, method, solver, b, groups, c, eps), 0 < eps < 1. singular=False: the full-rank shapes
+    of problems() (where autograd through the reference's eigh is defined); singular=True: shapes
+    whose Σ is singular without ε (BW with b ≤ c, CW with c < b), where εI makes the zero
+    eigenvalues coincide, so that only finite differences can check ZCA there, and PCA, which has
+    no gradient at coinciding eigenvalues, is left out."""
+    methods = ["zca-eigh", "zca-newton", "cholesky"] + ([] if singular else ["pca"])
+    method, _, solver = draw(st.sampled_from(methods)).partition("-")
+    eps = draw(st.sampled_from([0.1, 0.5, 0.9]) | st.floats(0.01, 0.95))
+    if singular:
+        axis, groups = draw(st.sampled_from(["batch", "channel"])), draw(st.integers(1, 2))
+        small, large = draw(st.integers(2, 3)), draw(st.integers(4, 5))
+        b, c = (small, large) if axis == "batch" else (large, small)
+    else:
+        axis, _, b, groups, c, _ = draw(problems(methods=(method,), dtype=torch.float64))
+    return axis, method, solver or "auto", b, groups, c, eps
+
+
+@settings(max_examples=60, deadline=None)
+@given(shrunk_problems(), seeds, st.booleans())
+@example(("channel", "zca", "eigh", 4, 2, 6, 0.1), 0, True)
+@example(("batch", "zca", "eigh", 9, 2, 4, 0.5), 1, False)
+def test_shrunk_whitening_and_its_gradient_match_autograd_through_the_reference(problem, seed,
+                                                                                 permute):
+    """With shrinkage Σ ← (1−ε)Σ + εI the output and its gradient equal the float64 reference and
+    autograd through it, for every method and ZCA solver. The (1−ε) factor scales the data's part
+    of the gradient: dropping it from the ZCA backward is 5 % wrong at ε = 0.1 and 25 % at
+    ε = 0.5. Tolerances as the unshrunk test's (1e-6 relative): shrinkage only lowers cond(Σ)."""
+    axis, method, solver, b, groups, c, eps = problem
+    d = groups * c
+    z = embedding(seed, b, d, requires_grad=True)
+    perm = random_perm(seed, d) if permute else None
+    weights = torch.randn(b, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    out = WHITEN[axis](z, groups=groups, method=method, eps=eps, perm=perm, solver=solver)
+    expected = reference_whiten(z, axis, groups, method, eps, perm)
+    torch.testing.assert_close(out, expected)
+    (grad,) = torch.autograd.grad((out * weights).sum(), z)
+    (expected_grad,) = torch.autograd.grad((expected * weights).sum(), z)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-6, atol=1e-8)
+
+
+@settings(max_examples=20, deadline=None)
+@given(shrunk_problems(singular=True), seeds, st.booleans())
+def test_shrunk_whitening_gradients_match_finite_differences_where_sigma_is_singular(problem, seed,
+                                                                                      permute):
+    """Where Σ is singular and only ε makes it invertible (its zero eigenvalues become ε, all
+    equal), gradcheck (float64) of the ZCA (both solvers) and Cholesky gradients; the output still
+    equals the reference. Σ's condition number is at most 1/ε-ish here, so finite differences
+    hold at gradcheck's default tolerances."""
+    axis, method, solver, b, groups, c, eps = problem
+    d = groups * c
+    z = embedding(seed, b, d, requires_grad=True)
+    perm = random_perm(seed, d) if permute else None
+
+    def whiten(x):
+        return WHITEN[axis](x, groups=groups, method=method, eps=eps, perm=perm, solver=solver)
+    torch.testing.assert_close(whiten(z), reference_whiten(z, axis, groups, method, eps, perm))
+    assert torch.autograd.gradcheck(whiten, (z,))
