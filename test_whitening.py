@@ -345,7 +345,8 @@ def test_rank_deficient_input_is_refused_or_shrunk_to_its_rank(axis, method, ran
 # 6. Gradients
 
 @settings(max_examples=40, deadline=None)
-@given(problems(dtype=torch.float64, margin=3), seeds, st.booleans(), st.sampled_from([0.0, 0.1, 0.5]))
+@given(problems(dtype=torch.float64, margin=3), seeds, st.booleans(),
+       st.sampled_from([0.0, 0.1, 0.5]))
 @example(("batch", "zca", 13, 4, 4, torch.float64), 528, True, 0.0)
 @example(("channel", "zca", 3, 2, 10, torch.float64), 7, True, 0.5)
 def test_whitening_gradients_match_finite_differences(problem, seed, permute, eps):
@@ -378,8 +379,8 @@ def test_whitening_gradients_match_autograd_through_the_reference(problem, seed,
 
 
 @settings(max_examples=12, deadline=None)
-@given(problems(dtype=torch.float64, methods=("zca", "cholesky"), max_groups=2, margin=3), seeds, st.booleans(),
-       st.sampled_from([0.0, 0.3]))
+@given(problems(dtype=torch.float64, methods=("zca", "cholesky"), max_groups=2, margin=3), seeds,
+       st.booleans(), st.sampled_from([0.0, 0.3]))
 def test_loss_gradients_match_finite_differences(problem, seed, normalize, eps):
     """gradcheck (float64) of the whitening loss for two views with two sub-batches, with and
     without shrinkage: gradients flow through the whitening, nothing is detached."""
