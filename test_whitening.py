@@ -1015,3 +1015,57 @@ def test_shrunk_whitening_gradients_match_finite_differences_where_sigma_is_sing
         return WHITEN[axis](x, groups=groups, method=method, eps=eps, perm=perm, solver=solver)
     torch.testing.assert_close(whiten(z), reference_whiten(z, axis, groups, method, eps, perm))
     assert torch.autograd.gradcheck(whiten, (z,))
+
+
+# ----------------------------------------------------------------------------------------------
+# 13. The stable rank against its definition
+
+def embedding_with_spectrum(seed, b, d, singular_values, dtype=torch.float64):
+    """A (b, d) embedding whose channel-centred matrix Z̄ has exactly these singular values (up to
+    rounding): Z = Q diag(σ) Vᵀ + 1μᵀ with Q's orthonormal columns orthogonal to 1 (so centring
+    removes only the offsets μ) and V's orthonormal; needs len(σ) ≤ min(b − 1, d)."""
+    gen = torch.Generator().manual_seed(seed)
+    rank = len(singular_values)
+    # orthonormal columns orthogonal to 1: QR of [1, random], its first column dropped
+    first_ones = torch.cat([torch.ones(b, 1, dtype=torch.float64),
+                            torch.randn(b, rank, generator=gen, dtype=torch.float64)], 1)
+    Q = torch.linalg.qr(first_ones).Q[:, 1:]
+    V = torch.linalg.qr(torch.randn(d, rank, generator=gen, dtype=torch.float64)).Q
+    sigma = torch.tensor(singular_values, dtype=torch.float64)
+    offsets = torch.randn(d, generator=gen, dtype=torch.float64)
+    return ((Q * sigma) @ V.T + offsets).to(dtype)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(3, 40), st.integers(2, 40), st.data(), st.sampled_from([torch.float64, torch.float32]),
+       seeds)
+@example(41, 8, None, torch.float64, 0)  # a decaying spectrum: Σσ²/σ₁² = 1.72, Σσ/σ₁ = 2.80
+def test_stable_rank_matches_its_definition_on_uneven_spectra(b, d, data, dtype, seed):
+    """stable_rank(Z) = Σσᵢ²/σ₁² for the singular values σ of the channel-centred Z̄, computed here
+    from the σ the embedding was built with (no SVD), on spectra that are neither flat nor rank
+    one (there Σσ²/σ₁² and the unsquared Σσ/σ₁ agree). Tolerance: float64 rounding (1e-10
+    relative); in float32 the input's rounding, eps₃₂·‖Z‖/σ₁ relative to each σ² sum, with ‖Z‖
+    (offsets included) a few σ₁: 1e-5 relative."""
+    rank = min(b - 1, d)
+    if data is None:  # the @example: a decaying spectrum of 8 directions
+        sigma = [1.0, 0.6, 0.45, 0.3, 0.2, 0.12, 0.08, 0.05]
+    else:
+        tail = data.draw(st.lists(st.floats(1e-3, 0.9), min_size=1, max_size=rank - 1))
+        sigma = [1.0] + sorted(tail, reverse=True)
+    expected = sum(s * s for s in sigma) / sigma[0] ** 2
+    got = stable_rank(embedding_with_spectrum(seed, b, d, sigma, dtype))
+    assert got.dtype == torch.float64
+    assert got.item() == pytest.approx(expected, rel=1e-10 if dtype == torch.float64 else 1e-5)
+
+
+@pytest.mark.parametrize("b, d", [(5, 32), (16, 16), (64, 512), (40, 8), (17, 16), (2, 3)])
+def test_stable_rank_reaches_its_cap_min_b_minus_1_d(b, d):
+    """The stable rank is at most min(b − 1, d) (centring over b samples leaves rank b − 1), and
+    equals it for a flat spectrum of that rank, offsets included: b − 1, not b, when b ≤ d (an
+    uncentred Z would count its offsets' direction); d when b > d. A random Gaussian embedding
+    stays strictly below the cap."""
+    cap = min(b - 1, d)
+    flat = embedding_with_spectrum(0, b, d, [2.0] * cap)
+    assert stable_rank(flat).item() == pytest.approx(cap, rel=1e-12)
+    gaussian = embedding(1, b, d)
+    assert 1 <= stable_rank(gaussian).item() < cap or cap == 1
