@@ -475,37 +475,37 @@ def test_loss_of_identical_views_is_zero_with_one_group(problem, seed, normalize
     assert loss.abs() < 1e-12
 
 
-@settings(max_examples=60, deadline=None)
-@given(problems(methods=("zca", "cholesky"), max_groups=1, dtype=torch.float64), seeds)
-def test_loss_is_symmetric_bounded_and_averages_pairs(problem, seed):
-    """L(z1, z2) = L(z2, z1); the normalised loss lies in [0, 4] (2 − 2·cos); for three views it is
-    the mean of the three pairwise losses (same generator seed: same sub-batches)."""
+@settings(max_examples=30, deadline=None)
+@given(problems(methods=("zca", "cholesky"), dtype=torch.float64), seeds, st.booleans(),
+       st.sampled_from([0.0, 0.2]))
+def test_symmetric_loss_has_the_gradient_of_two_stop_gradient_losses(problem, seed, normalize, eps):
+    """The paper's decomposition, for whitening_loss itself: the symmetric loss L of two views has
+    the gradient of L′ = (1/m)‖Ẑ₁ − sg(Ẑ₂)‖² + (1/m)‖sg(Ẑ₁) − Ẑ₂‖², where Ẑ_v is built here from
+    cwrgp's own batch_whiten/channel_whiten of each sub-batch with view v's permutation (rows
+    L2-normalised if normalize); L′'s value is 2L. It fails if the loss detaches a view, scales a
+    term or whitens other sub-batches or groups than its partition says (float64 rounding)."""
     axis, method, b, groups, c, _ = problem
-    z1, z2, z3 = (embedding(seed + k, 2 * b, c) for k in range(3))
+    d = groups * c
+    views = [embedding(seed + k, 2 * b, d, requires_grad=True) for k in range(2)]
+    samples, channels = hand_made_partition(seed, 2, 2 * b, d, groups, b)
+    symmetric = whitening_loss(*views, axis=axis, groups=groups, sub_batch=b, method=method,
+                               eps=eps, normalize=normalize, partition=(samples, channels))
 
-    def loss(*views):
-        return whitening_loss(*views, axis=axis, groups=groups, sub_batch=b, method=method,
-                              generator=torch.Generator().manual_seed(seed))
-    torch.testing.assert_close(loss(z1, z2), loss(z2, z1))
-    assert 0 <= loss(z1, z2) <= 4 + 1e-12  # 4 exactly for opposite rows, up to rounding
-    torch.testing.assert_close(loss(z1, z2, z3), (loss(z1, z2) + loss(z1, z3) + loss(z2, z3)) / 3)
+    def whitened(view):
+        """Ẑ_v, its rows in the partition's sample order (the same order for both views)."""
+        parts = [WHITEN[axis](views[view][rows], groups=groups, method=method, eps=eps,
+                              perm=channels[0, view, k])
+                 for k, rows in enumerate(samples[0].view(2, b))]
+        out = torch.cat(parts)
+        return torch.nn.functional.normalize(out, dim=1) if normalize else out
 
-
-@settings(max_examples=40, deadline=None)
-@given(problems(methods=("zca", "cholesky"), dtype=torch.float64), seeds)
-def test_symmetric_loss_has_the_gradient_of_two_stop_gradient_losses(problem, seed):
-    """The paper's decomposition: L = ‖Ẑ₁ − Ẑ₂‖² and L′ = ‖Ẑ₁ − sg(Ẑ₂)‖² + ‖sg(Ẑ₁) − Ẑ₂‖² have the
-    same gradient: each view is pulled toward the other's whitened output as a fixed target."""
-    axis, method, b, groups, c, _ = problem
-    z1, z2 = (embedding(seed + k, b, groups * c, requires_grad=True) for k in range(2))
-
-    def gradients(loss_of):
-        w1, w2 = (WHITEN[axis](z, groups=groups, method=method) for z in (z1, z2))
-        return torch.autograd.grad(loss_of(w1, w2), (z1, z2))
-    symmetric = gradients(lambda w1, w2: (w1 - w2).pow(2).sum())
-    asymmetric = gradients(lambda w1, w2: (w1 - w2.detach()).pow(2).sum() + (w1.detach() - w2).pow(2).sum())
-    for a, e in zip(symmetric, asymmetric):
-        torch.testing.assert_close(a, e)
+    def mean_square(a, e):
+        return (a - e).pow(2).sum(1).mean()
+    white1, white2 = whitened(0), whitened(1)
+    decomposed = mean_square(white1, white2.detach()) + mean_square(white1.detach(), white2)
+    torch.testing.assert_close(decomposed, 2 * symmetric)
+    for got, want in zip(torch.autograd.grad(symmetric, views), torch.autograd.grad(decomposed, views)):
+        torch.testing.assert_close(got, want)
 
 
 def test_recipe_defaults_and_module():
@@ -1069,3 +1069,130 @@ def test_stable_rank_reaches_its_cap_min_b_minus_1_d(b, d):
     assert stable_rank(flat).item() == pytest.approx(cap, rel=1e-12)
     gaussian = embedding(1, b, d)
     assert 1 <= stable_rank(gaussian).item() < cap or cap == 1
+
+
+# ----------------------------------------------------------------------------------------------
+# 14. The loss with several groups, and the random group partition's distribution
+
+def hand_made_partition(seed, num_views, batch, d, groups, sub_batch, iters=1):
+    """A partition built here by torch.randperm, not by random_group_partition: one sample order
+    per repetition, one channel permutation per repetition, view and sub-batch; the identity for
+    one group (the loss then ignores the channel order, and BW by Cholesky depends on it)."""
+    gen = torch.Generator().manual_seed(seed)
+    samples = torch.stack([torch.randperm(batch, generator=gen) for _ in range(iters)])
+    shape = (iters, num_views, batch // sub_batch)
+    if groups == 1:
+        return samples, torch.arange(d).expand(*shape, d)
+    channels = [torch.randperm(d, generator=gen) for _ in range(math.prod(shape))]
+    return samples, torch.stack(channels).view(*shape, d)
+
+
+@settings(max_examples=40, deadline=None)
+@given(problems(dtype=torch.float64, methods=("zca", "cholesky")), seeds, st.integers(2, 3),
+       st.integers(1, 2), st.integers(1, 2), st.booleans(), st.sampled_from([0.0, 0.2]))
+@example(("channel", "zca", 3, 4, 3, torch.float64), 0, 3, 2, 2, True, 0.2)
+def test_loss_applies_a_given_partition_as_the_reference_does(problem, seed, num_views,
+                                                               sub_batches, iters, normalize, eps):
+    """whitening_loss(partition=P) for a partition P made here (not drawn by
+    random_group_partition), any number of groups, views, sub-batches and repetitions, with and
+    without shrinkage: its value equals the loop reference applying P, and its gradient equals
+    autograd through that reference (float64: 1e-6 relative, as the whitening gradient tests)."""
+    axis, method, b, groups, c, _ = problem
+    d = groups * c
+    views = [embedding(seed + v, b * sub_batches, d, requires_grad=True) for v in range(num_views)]
+    partition = hand_made_partition(seed, num_views, b * sub_batches, d, groups, b, iters)
+    loss = whitening_loss(*views, axis=axis, groups=groups, sub_batch=b, iters=iters, method=method,
+                          eps=eps, normalize=normalize, partition=partition)
+    expected = reference_loss(views, *partition, axis, groups, method, eps, normalize)
+    torch.testing.assert_close(loss, expected)
+    grads = torch.autograd.grad(loss, views)
+    expected_grads = torch.autograd.grad(expected, views)
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-9)
+
+
+@st.composite
+def grouped_problems(draw):
+    """(axis, method, b, groups, c) with g ≥ 2 groups of c ≥ 2 channels and sub-batches of b ≥ 2
+    (one channel or one sample per group is standardised the same whatever the grouping)."""
+    axis = draw(st.sampled_from(["batch", "channel"]))
+    method = draw(st.sampled_from(["zca", "cholesky", "pca"]))
+    groups, c = draw(st.integers(2, 4)), draw(st.integers(2, 5))
+    b = draw(st.integers(c + 1, c + 6)) if axis == "batch" else draw(st.integers(2, c))
+    return axis, method, b, groups, c
+
+
+@settings(max_examples=40, deadline=None)
+@given(grouped_problems(), seeds, st.booleans(), st.sampled_from([0.0, 0.2]))
+def test_identical_views_give_a_positive_loss_with_several_groups(problem, seed, normalize, eps):
+    """The converse of the one-group property, and what the random partition is for: identical
+    views whose channels fall into different groups (as sets, in some sub-batch) are whitened
+    differently and give a positive loss; given a partition in which both views share each
+    sub-batch's permutation, the same views give zero. Zero here is float64 rounding (≤ 1e-12);
+    different groups give 0.06 to 1 (smallest of 1600 draws: 0.06), so 1e-6 separates them."""
+    axis, method, b, groups, c = problem
+    d = groups * c
+    z = embedding(seed, 2 * b, d)
+    kw = dict(axis=axis, groups=groups, sub_batch=b, method=method, eps=eps, normalize=normalize)
+    samples, channels = random_group_partition(2, 2 * b, d, groups, b, 1,
+                                               torch.Generator().manual_seed(seed))
+    group_sets = torch.sort(channels.view(1, 2, 2, groups, c), -1).values.sort(-2).values
+    differ = not torch.equal(group_sets[:, 0], group_sets[:, 1])
+    if differ:
+        assert whitening_loss(z, z.clone(), partition=(samples, channels), **kw) > 1e-6
+    shared = channels[:, :1].expand_as(channels)
+    assert whitening_loss(z, z.clone(), partition=(samples, shared), **kw) < 1e-12
+
+
+@settings(max_examples=40, deadline=None)
+@given(problems(methods=("zca", "cholesky"), dtype=torch.float64), seeds, st.booleans())
+def test_loss_with_any_groups_is_symmetric_bounded_and_averages_pairs(problem, seed, normalize):
+    """With any number of groups, for a partition P of three views (P_v: view v's permutations):
+    L(z1, z2; P_1, P_2) = L(z2, z1; P_2, P_1) (each view keeps its permutation), the normalised
+    loss lies in [0, 4] (2 − 2·cos), and L(z1, z2, z3; P) is the mean of the three pairwise
+    losses, each with its views' permutations and the shared sub-batches (float64 rounding)."""
+    axis, method, b, groups, c, _ = problem
+    d = groups * c
+    views = [embedding(seed + k, 2 * b, d) for k in range(3)]
+    samples, channels = random_group_partition(3, 2 * b, d, groups, b, 1,
+                                               torch.Generator().manual_seed(seed))
+
+    def loss(*which):
+        partition = (samples, channels[:, list(which)])
+        return whitening_loss(*[views[v] for v in which], axis=axis, groups=groups, sub_batch=b,
+                              method=method, normalize=normalize, partition=partition)
+    torch.testing.assert_close(loss(0, 1), loss(1, 0))
+    if normalize:
+        assert 0 <= loss(0, 1) <= 4 + 1e-12  # 4 exactly for opposite rows, up to rounding
+    torch.testing.assert_close(loss(0, 1, 2), (loss(0, 1) + loss(0, 2) + loss(1, 2)) / 3)
+
+
+def test_random_group_partition_puts_two_channels_together_as_theory_says():
+    """The partition's distribution on its own. Within one (repetition, view, sub-batch) two given
+    channels share a group with chance p = (c − 1)/(d − 1), for every pair of channels (a
+    uniformly random partition, not e.g. a random rotation of fixed runs); and the permutations of
+    two views, of two sub-batches and of two repetitions are independent: both put the pair
+    together with chance p², never p (shared) or 0. Likewise two samples share a sub-batch with
+    chance (b − 1)/(m − 1), independently between repetitions. Every chance is estimated from
+    N = 4000 draws per pair and checked to 5 binomial σ (√(p(1−p)/N) ≤ 0.008)."""
+    draws, views, d, groups, batch, sub_batch = 4000, 2, 8, 2, 8, 4
+    c = d // groups
+    samples, channels = random_group_partition(views, batch, d, groups, sub_batch, draws,
+                                               torch.Generator().manual_seed(0))
+    group_of = channels.argsort(-1) // c  # (draws, views, sub-batches, d): each channel's group
+    together = (group_of.unsqueeze(-1) == group_of.unsqueeze(-2)).double()
+    off_diagonal = ~torch.eye(d, dtype=torch.bool)
+
+    def check(chances, p):
+        sigma = math.sqrt(p * (1 - p) / draws)
+        assert (chances[off_diagonal] - p).abs().max() < 5 * sigma, (chances, p)
+    p = (c - 1) / (d - 1)
+    check(together.mean((0, 1, 2)), p)
+    check((together[:, 0] * together[:, 1]).mean((0, 1)), p * p)  # two views
+    check((together[:, :, 0] * together[:, :, 1]).mean((0, 1)), p * p)  # two sub-batches
+    check((together[0::2] * together[1::2]).mean((0, 1, 2)), p * p)  # two repetitions
+    sub_batch_of = samples.argsort(-1) // sub_batch  # (draws, batch): each sample's sub-batch
+    same_sub_batch = (sub_batch_of.unsqueeze(-1) == sub_batch_of.unsqueeze(-2)).double()
+    q = (sub_batch - 1) / (batch - 1)
+    check(same_sub_batch.mean(0), q)
+    check((same_sub_batch[0::2] * same_sub_batch[1::2]).mean(0), q * q)
