@@ -1037,8 +1037,8 @@ def embedding_with_spectrum(seed, b, d, singular_values, dtype=torch.float64):
 
 
 @settings(max_examples=40, deadline=None)
-@given(st.integers(3, 40), st.integers(2, 40), st.data(), st.sampled_from([torch.float64, torch.float32]),
-       seeds)
+@given(st.integers(3, 40), st.integers(2, 40), st.data(),
+       st.sampled_from([torch.float64, torch.float32]), seeds)
 @example(41, 8, None, torch.float64, 0)  # a decaying spectrum: Σσ²/σ₁² = 1.72, Σσ/σ₁ = 2.80
 def test_stable_rank_matches_its_definition_on_uneven_spectra(b, d, data, dtype, seed):
     """stable_rank(Z) = Σσᵢ²/σ₁² for the singular values σ of the channel-centred Z̄, computed here
@@ -1088,8 +1088,9 @@ def hand_made_partition(seed, num_views, batch, d, groups, sub_batch, iters=1):
 
 
 @settings(max_examples=40, deadline=None)
-@given(problems(dtype=torch.float64, methods=("zca", "cholesky"), margin=3), seeds, st.integers(2, 3),
-       st.integers(1, 2), st.integers(1, 2), st.booleans(), st.sampled_from([0.0, 0.2]))
+@given(problems(dtype=torch.float64, methods=("zca", "cholesky"), margin=3), seeds,
+       st.integers(2, 3), st.integers(1, 2), st.integers(1, 2), st.booleans(),
+       st.sampled_from([0.0, 0.2]))
 @example(("channel", "zca", 3, 4, 3, torch.float64), 0, 3, 2, 2, True, 0.2)
 def test_loss_applies_a_given_partition_as_the_reference_does(problem, seed, num_views,
                                                                sub_batches, iters, normalize, eps):
@@ -1254,8 +1255,8 @@ def float32_output_tolerance(cond):
 
 
 def float32_gradient_tolerance(cond, k, solver):
-    """Relative (Frobenius) error allowed for a float32 gradient at cond(Σ) = cond, the rows whitened
-    over k entries. ZCA by eigh and Cholesky: the backward's float32 products (x′ = Uᵀx, G′x′ᵀ)
+    """Relative (Frobenius) error allowed for a float32 gradient at cond(Σ) = cond, the rows
+    whitened over k entries. ZCA by eigh and Cholesky: the backward's float32 products (x′ = Uᵀx, G′x′ᵀ)
     are sums of k terms (rounding √k·eps₃₂), and the kernel 1/s³ of the small directions turns
     that into √k·√cond(Σ)·eps₃₂ relative, where the two terms of ∂L/∂x (G′/s and 2a·H′x′)
     largely cancel, as they do for near-collinear rows; observed at most 1.6 times that: allowed
@@ -1268,8 +1269,9 @@ def float32_gradient_tolerance(cond, k, solver):
 
 
 @settings(max_examples=45, deadline=None)
-@given(st.sampled_from(list(REALISTIC_SHAPES)), st.sampled_from(["zca-eigh", "zca-newton", "cholesky"]),
-       st.sampled_from(SPECTRA), st.floats(1, 5), seeds)
+@given(st.sampled_from(list(REALISTIC_SHAPES)),
+       st.sampled_from(["zca-eigh", "zca-newton", "cholesky"]), st.sampled_from(SPECTRA),
+       st.floats(1, 5), seeds)
 @example("cw-rgp", "zca-eigh", "decaying", 4.5, 0)
 @example("w-mse", "cholesky", "collapsing", 5, 0)
 @example("cw-rgp", "zca-newton", "collinear", 5, 1)
@@ -1308,8 +1310,8 @@ def test_float32_loss_at_the_papers_shapes_matches_float64_reference(recipe, kin
     equal the float64 reference loss for the same partition, value and gradients, at the worst
     cond(Σ) among all sub-batches, views and groups. The rows are L2-normalised, so the loss
     moves by at most 8 times their relative error: 8·float32_output_tolerance, absolute."""
-    loss_of, (axis, sub_batch, d, groups) = {"cw-rgp": (cw_rgp_loss, REALISTIC_SHAPES["cw-rgp"]),
-                                             "w-mse": (w_mse_loss, REALISTIC_SHAPES["w-mse"])}[recipe]
+    loss_of = {"cw-rgp": cw_rgp_loss, "w-mse": w_mse_loss}[recipe]
+    axis, sub_batch, d, groups = REALISTIC_SHAPES[recipe]
     batch = 256
     first = conditioned_embedding(seed, axis, batch, d, kind, log_cond)
     noise = torch.randn(batch, d, generator=torch.Generator().manual_seed(seed + 1))
@@ -1327,5 +1329,6 @@ def test_float32_loss_at_the_papers_shapes_matches_float64_reference(recipe, kin
     assert loss.dtype == torch.float32
     assert abs(loss.item() - expected.item()) <= 8 * float32_output_tolerance(cond)
     k = d // groups if axis == "channel" else sub_batch
-    for got, want in zip(torch.autograd.grad(loss, views32), torch.autograd.grad(expected, views64)):
+    gradients = torch.autograd.grad(loss, views32)
+    for got, want in zip(gradients, torch.autograd.grad(expected, views64)):
         assert relative(got.double(), want) <= float32_gradient_tolerance(cond, k, "eigh")
