@@ -1256,13 +1256,13 @@ def float32_output_tolerance(cond):
 
 def float32_gradient_tolerance(cond, k, solver):
     """Relative (Frobenius) error allowed for a float32 gradient at cond(Σ) = cond, the rows
-    whitened over k entries. ZCA by eigh and Cholesky: the backward's float32 products (x′ = Uᵀx, G′x′ᵀ)
-    are sums of k terms (rounding √k·eps₃₂), and the kernel 1/s³ of the small directions turns
-    that into √k·√cond(Σ)·eps₃₂ relative, where the two terms of ∂L/∂x (G′/s and 2a·H′x′)
-    largely cancel, as they do for near-collinear rows; observed at most 1.6 times that: allowed
-    10 times. Newton–Schulz: autograd rounds ∂L/∂W = G xᵀ to float32 before the derivative of
-    Σ^(-1/2), which amplifies a relative error by up to cond(Σ): observed at most 0.3·cond·eps₃₂;
-    allowed 2·cond(Σ)·eps₃₂."""
+    whitened over k entries. ZCA by eigh and Cholesky: the backward's float32 products
+    (x′ = Uᵀx, G′x′ᵀ) are sums of k terms (rounding √k·eps₃₂), and the kernel 1/s³ of the small
+    directions turns that into √k·√cond(Σ)·eps₃₂ relative, where the two terms of ∂L/∂x (G′/s
+    and 2a·H′x′) largely cancel, as they do for near-collinear rows; observed at most 1.6 times
+    that: allowed 10 times. Newton–Schulz: autograd rounds ∂L/∂W = G xᵀ to float32 before the
+    derivative of Σ^(-1/2), which amplifies a relative error by up to cond(Σ): observed at most
+    0.3·cond·eps₃₂; allowed 2·cond(Σ)·eps₃₂."""
     if solver == "newton":
         return max(2 * cond, 30) * EPS32
     return max(10 * math.sqrt(k * cond), 30) * EPS32
