@@ -1332,3 +1332,49 @@ def test_float32_loss_at_the_papers_shapes_matches_float64_reference(recipe, kin
     gradients = torch.autograd.grad(loss, views32)
     for got, want in zip(gradients, torch.autograd.grad(expected, views64)):
         assert relative(got.double(), want) <= float32_gradient_tolerance(cond, k, "eigh")
+
+
+# ----------------------------------------------------------------------------------------------
+# 16. whitening_matrix exactly: Newton–Schulz at the rule's threshold, the gradient of every method
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("n", [2, 8, 64])
+def test_newton_reaches_the_exact_inverse_square_root_at_the_rules_threshold(n, dtype):
+    """On a diagonal Σ every Newton–Schulz product is exact to one rounding per entry, so the
+    answer W = diag(λ^(-1/2)) is known to eps, at any condition number: there the test can be
+    exact where the eigh comparison at cond 1e15 (20·cond·eps₆₄: 5 at n = 2) cannot. With all
+    eigenvalues but one at λ_max = 1 and the smallest just above the rule's threshold t = n·eps
+    (the slowest start that is accepted), W is diag(λ^(-1/2)) to 64·eps₆₄ in every entry (about
+    50 steps of a few roundings; observed ≤ 5e-16), exactly diagonal, and returned in Σ's dtype
+    (float32: one rounding, eps₃₂). Iterating too little leaves the smallest eigenvalue's entry off
+    by 3e-13 at n = 64 (one step fewer) and by O(1) when far from converged."""
+    eps = torch.finfo(dtype).eps
+    eigenvalues = torch.ones(n, dtype=torch.float64)
+    eigenvalues[-1] = 1.01 * n * eps
+    cov = torch.diag(eigenvalues).to(dtype)
+    W = whitening_matrix(cov, solver="newton")
+    assert W.dtype == dtype
+    exact = cov.double().diagonal().rsqrt()
+    assert torch.equal(W, torch.diag(W.diagonal()))
+    tol = 64 * EPS64 if dtype == torch.float64 else eps
+    assert ((W.diagonal().double() - exact).abs() / exact).max() <= tol
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(2, 6), st.sampled_from(["zca-eigh", "zca-newton", "cholesky", "pca"]), seeds)
+def test_whitening_matrix_gradient_matches_the_reference_on_the_symmetric_part(n, method, seed):
+    """For every method and solver, ∂/∂Σ of whitening_matrix equals autograd through the reference
+    applied to Σ's symmetric part (Σ + Σᵀ)/2: a covariance's gradient is symmetric (Cholesky reads
+    only Σ's lower triangle, so without that symmetrisation its gradient would be lower
+    triangular). Eigenvalues spread in [0.5, 3.5] (gaps for PCA, cond ≤ 7): float64 to 1e-8."""
+    method, _, solver = method.partition("-")
+    gen = torch.Generator().manual_seed(seed)
+    U = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64)).Q
+    eigenvalues = 0.5 + 3 * torch.arange(n, dtype=torch.float64) / (n - 1)
+    cov = (U * eigenvalues) @ U.T
+    cov = (cov + cov.T) / 2
+    weights = torch.randn(n, n, generator=gen, dtype=torch.float64)
+    ours, theirs = cov.clone().requires_grad_(), cov.clone().requires_grad_()
+    (whitening_matrix(ours, method, solver or "auto") * weights).sum().backward()
+    (reference_matrix((theirs + theirs.T) / 2, method) * weights).sum().backward()
+    torch.testing.assert_close(ours.grad, theirs.grad, rtol=1e-8, atol=1e-10)
