@@ -345,16 +345,22 @@ def test_rank_deficient_input_is_refused_or_shrunk_to_its_rank(axis, method, ran
 # 6. Gradients
 
 @settings(max_examples=40, deadline=None)
-@given(problems(dtype=torch.float64, margin=3), seeds, st.booleans())
-@example(("batch", "zca", 13, 4, 4, torch.float64), 528, True)
-def test_whitening_gradients_match_finite_differences(problem, seed, permute):
-    """gradcheck (float64) of batch_whiten and channel_whiten for every method and partition, on
-    draws whose Σ is well conditioned: at cond(Σ) ≳ 1e5 finite differences cannot check a gradient
-    at any step (the next test checks those against autograd through the reference)."""
+@given(problems(dtype=torch.float64, margin=3), seeds, st.booleans(),
+       st.sampled_from([0.0, 0.1, 0.5]))
+@example(("batch", "zca", 13, 4, 4, torch.float64), 528, True, 0.0)
+@example(("channel", "zca", 3, 2, 10, torch.float64), 7, True, 0.5)
+def test_whitening_gradients_match_finite_differences(problem, seed, permute, eps):
+    """gradcheck (float64) of batch_whiten and channel_whiten for every method and partition, with
+    and without shrinkage ε, on draws whose Σ is well conditioned: at cond(Σ) ≳ 1e5 finite
+    differences cannot check a gradient at any step (the next test checks those against autograd
+    through the reference)."""
     axis, method, b, groups, c, _ = problem
     z = embedding(seed, b, groups * c, requires_grad=True)
     perm = random_perm(seed, groups * c) if permute else None
-    assert torch.autograd.gradcheck(lambda x: WHITEN[axis](x, groups=groups, method=method, perm=perm), (z,))
+
+    def whiten(x):
+        return WHITEN[axis](x, groups=groups, method=method, eps=eps, perm=perm)
+    assert torch.autograd.gradcheck(whiten, (z,))
 
 
 @settings(max_examples=40, deadline=None)
@@ -373,15 +379,16 @@ def test_whitening_gradients_match_autograd_through_the_reference(problem, seed,
 
 
 @settings(max_examples=12, deadline=None)
-@given(problems(dtype=torch.float64, methods=("zca", "cholesky"), max_groups=2, margin=3), seeds, st.booleans())
-def test_loss_gradients_match_finite_differences(problem, seed, normalize):
-    """gradcheck (float64) of the whitening loss for two views with two sub-batches: gradients flow
-    through the whitening, nothing is detached."""
+@given(problems(dtype=torch.float64, methods=("zca", "cholesky"), max_groups=2, margin=3), seeds,
+       st.booleans(), st.sampled_from([0.0, 0.3]))
+def test_loss_gradients_match_finite_differences(problem, seed, normalize, eps):
+    """gradcheck (float64) of the whitening loss for two views with two sub-batches, with and
+    without shrinkage: gradients flow through the whitening, nothing is detached."""
     axis, method, b, groups, c, _ = problem
     views = [embedding(seed + v, 2 * b, groups * c, requires_grad=True) for v in range(2)]
 
     def loss(*vs):
-        return whitening_loss(*vs, axis=axis, groups=groups, sub_batch=b, method=method,
+        return whitening_loss(*vs, axis=axis, groups=groups, sub_batch=b, method=method, eps=eps,
                               normalize=normalize, generator=torch.Generator().manual_seed(seed))
     assert torch.autograd.gradcheck(loss, views)
 
@@ -468,37 +475,38 @@ def test_loss_of_identical_views_is_zero_with_one_group(problem, seed, normalize
     assert loss.abs() < 1e-12
 
 
-@settings(max_examples=60, deadline=None)
-@given(problems(methods=("zca", "cholesky"), max_groups=1, dtype=torch.float64), seeds)
-def test_loss_is_symmetric_bounded_and_averages_pairs(problem, seed):
-    """L(z1, z2) = L(z2, z1); the normalised loss lies in [0, 4] (2 − 2·cos); for three views it is
-    the mean of the three pairwise losses (same generator seed: same sub-batches)."""
+@settings(max_examples=30, deadline=None)
+@given(problems(methods=("zca", "cholesky"), dtype=torch.float64), seeds, st.booleans(),
+       st.sampled_from([0.0, 0.2]))
+def test_symmetric_loss_has_the_gradient_of_two_stop_gradient_losses(problem, seed, normalize, eps):
+    """The paper's decomposition, for whitening_loss itself: the symmetric loss L of two views has
+    the gradient of L′ = (1/m)‖Ẑ₁ − sg(Ẑ₂)‖² + (1/m)‖sg(Ẑ₁) − Ẑ₂‖², where Ẑ_v is built here from
+    cwrgp's own batch_whiten/channel_whiten of each sub-batch with view v's permutation (rows
+    L2-normalised if normalize); L′'s value is 2L. It fails if the loss detaches a view, scales a
+    term or whitens other sub-batches or groups than its partition says (float64 rounding)."""
     axis, method, b, groups, c, _ = problem
-    z1, z2, z3 = (embedding(seed + k, 2 * b, c) for k in range(3))
+    d = groups * c
+    views = [embedding(seed + k, 2 * b, d, requires_grad=True) for k in range(2)]
+    samples, channels = hand_made_partition(seed, 2, 2 * b, d, groups, b)
+    symmetric = whitening_loss(*views, axis=axis, groups=groups, sub_batch=b, method=method,
+                               eps=eps, normalize=normalize, partition=(samples, channels))
 
-    def loss(*views):
-        return whitening_loss(*views, axis=axis, groups=groups, sub_batch=b, method=method,
-                              generator=torch.Generator().manual_seed(seed))
-    torch.testing.assert_close(loss(z1, z2), loss(z2, z1))
-    assert 0 <= loss(z1, z2) <= 4 + 1e-12  # 4 exactly for opposite rows, up to rounding
-    torch.testing.assert_close(loss(z1, z2, z3), (loss(z1, z2) + loss(z1, z3) + loss(z2, z3)) / 3)
+    def whitened(view):
+        """Ẑ_v, its rows in the partition's sample order (the same order for both views)."""
+        parts = [WHITEN[axis](views[view][rows], groups=groups, method=method, eps=eps,
+                              perm=channels[0, view, k])
+                 for k, rows in enumerate(samples[0].view(2, b))]
+        out = torch.cat(parts)
+        return torch.nn.functional.normalize(out, dim=1) if normalize else out
 
-
-@settings(max_examples=40, deadline=None)
-@given(problems(methods=("zca", "cholesky"), dtype=torch.float64), seeds)
-def test_symmetric_loss_has_the_gradient_of_two_stop_gradient_losses(problem, seed):
-    """The paper's decomposition: L = ‖Ẑ₁ − Ẑ₂‖² and L′ = ‖Ẑ₁ − sg(Ẑ₂)‖² + ‖sg(Ẑ₁) − Ẑ₂‖² have the
-    same gradient: each view is pulled toward the other's whitened output as a fixed target."""
-    axis, method, b, groups, c, _ = problem
-    z1, z2 = (embedding(seed + k, b, groups * c, requires_grad=True) for k in range(2))
-
-    def gradients(loss_of):
-        w1, w2 = (WHITEN[axis](z, groups=groups, method=method) for z in (z1, z2))
-        return torch.autograd.grad(loss_of(w1, w2), (z1, z2))
-    symmetric = gradients(lambda w1, w2: (w1 - w2).pow(2).sum())
-    asymmetric = gradients(lambda w1, w2: (w1 - w2.detach()).pow(2).sum() + (w1.detach() - w2).pow(2).sum())
-    for a, e in zip(symmetric, asymmetric):
-        torch.testing.assert_close(a, e)
+    def mean_square(a, e):
+        return (a - e).pow(2).sum(1).mean()
+    white1, white2 = whitened(0), whitened(1)
+    decomposed = mean_square(white1, white2.detach()) + mean_square(white1.detach(), white2)
+    torch.testing.assert_close(decomposed, 2 * symmetric)
+    expected_gradients = torch.autograd.grad(decomposed, views)
+    for got, want in zip(torch.autograd.grad(symmetric, views), expected_gradients):
+        torch.testing.assert_close(got, want)
 
 
 def test_recipe_defaults_and_module():
@@ -949,3 +957,432 @@ def test_stable_rank_is_never_nan(dtype):
     expected = stable_rank(z).item()
     for power in (-30, -19, 19, 30):
         assert stable_rank(z * 10.0 ** power).item() == pytest.approx(expected, rel=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------
+# 12. Gradients with shrinkage (ε > 0)
+
+@st.composite
+def shrunk_problems(draw, singular=False):
+    """(axis, method, solver, b, groups, c, eps), 0 < eps < 1. singular=False: the full-rank shapes
+    of problems() (where autograd through the reference's eigh is defined); singular=True: shapes
+    whose Σ is singular without ε (BW with b ≤ c, CW with c < b), where εI makes the zero
+    eigenvalues coincide, so that only finite differences can check ZCA there, and PCA, which has
+    no gradient at coinciding eigenvalues, is left out."""
+    methods = ["zca-eigh", "zca-newton", "cholesky"] + ([] if singular else ["pca"])
+    method, _, solver = draw(st.sampled_from(methods)).partition("-")
+    eps = draw(st.sampled_from([0.1, 0.5, 0.9]) | st.floats(0.01, 0.95))
+    if singular:
+        axis, groups = draw(st.sampled_from(["batch", "channel"])), draw(st.integers(1, 2))
+        small, large = draw(st.integers(2, 3)), draw(st.integers(4, 5))
+        b, c = (small, large) if axis == "batch" else (large, small)
+    else:
+        axis, _, b, groups, c, _ = draw(problems(methods=(method,), dtype=torch.float64))
+    return axis, method, solver or "auto", b, groups, c, eps
+
+
+@settings(max_examples=60, deadline=None)
+@given(shrunk_problems(), seeds, st.booleans())
+@example(("channel", "zca", "eigh", 4, 2, 6, 0.1), 0, True)
+@example(("batch", "zca", "eigh", 9, 2, 4, 0.5), 1, False)
+def test_shrunk_whitening_and_its_gradient_match_autograd_through_the_reference(problem, seed,
+                                                                                 permute):
+    """With shrinkage Σ ← (1−ε)Σ + εI the output and its gradient equal the float64 reference and
+    autograd through it, for every method and ZCA solver. The (1−ε) factor scales the data's part
+    of the gradient: dropping it from the ZCA backward is 5 % wrong at ε = 0.1 and 25 % at
+    ε = 0.5. Tolerances as the unshrunk test's (1e-6 relative): shrinkage only lowers cond(Σ)."""
+    axis, method, solver, b, groups, c, eps = problem
+    d = groups * c
+    z = embedding(seed, b, d, requires_grad=True)
+    perm = random_perm(seed, d) if permute else None
+    weights = torch.randn(b, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    out = WHITEN[axis](z, groups=groups, method=method, eps=eps, perm=perm, solver=solver)
+    expected = reference_whiten(z, axis, groups, method, eps, perm)
+    torch.testing.assert_close(out, expected)
+    (grad,) = torch.autograd.grad((out * weights).sum(), z)
+    (expected_grad,) = torch.autograd.grad((expected * weights).sum(), z)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-6, atol=1e-8)
+
+
+@settings(max_examples=20, deadline=None)
+@given(shrunk_problems(singular=True), seeds, st.booleans())
+def test_shrunk_whitening_gradients_match_finite_differences_where_sigma_is_singular(problem, seed,
+                                                                                      permute):
+    """Where Σ is singular and only ε makes it invertible (its zero eigenvalues become ε, all
+    equal), gradcheck (float64) of the ZCA (both solvers) and Cholesky gradients; the output still
+    equals the reference. Σ's condition number is at most 1/ε-ish here, so finite differences
+    hold at gradcheck's default tolerances."""
+    axis, method, solver, b, groups, c, eps = problem
+    d = groups * c
+    z = embedding(seed, b, d, requires_grad=True)
+    perm = random_perm(seed, d) if permute else None
+
+    def whiten(x):
+        return WHITEN[axis](x, groups=groups, method=method, eps=eps, perm=perm, solver=solver)
+    torch.testing.assert_close(whiten(z), reference_whiten(z, axis, groups, method, eps, perm))
+    assert torch.autograd.gradcheck(whiten, (z,))
+
+
+# ----------------------------------------------------------------------------------------------
+# 13. The stable rank against its definition
+
+def embedding_with_spectrum(seed, b, d, singular_values, dtype=torch.float64):
+    """A (b, d) embedding whose channel-centred matrix Z̄ has exactly these singular values (up to
+    rounding): Z = Q diag(σ) Vᵀ + 1μᵀ with Q's orthonormal columns orthogonal to 1 (so centring
+    removes only the offsets μ) and V's orthonormal; needs len(σ) ≤ min(b − 1, d)."""
+    gen = torch.Generator().manual_seed(seed)
+    rank = len(singular_values)
+    # orthonormal columns orthogonal to 1: QR of [1, random], its first column dropped
+    first_ones = torch.cat([torch.ones(b, 1, dtype=torch.float64),
+                            torch.randn(b, rank, generator=gen, dtype=torch.float64)], 1)
+    Q = torch.linalg.qr(first_ones).Q[:, 1:]
+    V = torch.linalg.qr(torch.randn(d, rank, generator=gen, dtype=torch.float64)).Q
+    sigma = torch.tensor(singular_values, dtype=torch.float64)
+    offsets = torch.randn(d, generator=gen, dtype=torch.float64)
+    return ((Q * sigma) @ V.T + offsets).to(dtype)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(3, 40), st.integers(2, 40), st.data(),
+       st.sampled_from([torch.float64, torch.float32]), seeds)
+@example(41, 8, None, torch.float64, 0)  # a decaying spectrum: Σσ²/σ₁² = 1.72, Σσ/σ₁ = 2.80
+def test_stable_rank_matches_its_definition_on_uneven_spectra(b, d, data, dtype, seed):
+    """stable_rank(Z) = Σσᵢ²/σ₁² for the singular values σ of the channel-centred Z̄, computed here
+    from the σ the embedding was built with (no SVD), on spectra that are neither flat nor rank
+    one (there Σσ²/σ₁² and the unsquared Σσ/σ₁ agree). Tolerance: float64 rounding (1e-10
+    relative); in float32 the input's rounding, eps₃₂·‖Z‖/σ₁ relative to each σ² sum, with ‖Z‖
+    (offsets included) a few σ₁: 1e-5 relative."""
+    rank = min(b - 1, d)
+    if data is None:  # the @example: a decaying spectrum of 8 directions
+        sigma = [1.0, 0.6, 0.45, 0.3, 0.2, 0.12, 0.08, 0.05]
+    else:
+        tail = data.draw(st.lists(st.floats(1e-3, 0.9), min_size=1, max_size=rank - 1))
+        sigma = [1.0] + sorted(tail, reverse=True)
+    expected = sum(s * s for s in sigma) / sigma[0] ** 2
+    got = stable_rank(embedding_with_spectrum(seed, b, d, sigma, dtype))
+    assert got.dtype == torch.float64
+    assert got.item() == pytest.approx(expected, rel=1e-10 if dtype == torch.float64 else 1e-5)
+
+
+@pytest.mark.parametrize("b, d", [(5, 32), (16, 16), (64, 512), (40, 8), (17, 16), (2, 3)])
+def test_stable_rank_reaches_its_cap_min_b_minus_1_d(b, d):
+    """The stable rank is at most min(b − 1, d) (centring over b samples leaves rank b − 1), and
+    equals it for a flat spectrum of that rank, offsets included: b − 1, not b, when b ≤ d (an
+    uncentred Z would count its offsets' direction); d when b > d. A random Gaussian embedding
+    stays strictly below the cap."""
+    cap = min(b - 1, d)
+    flat = embedding_with_spectrum(0, b, d, [2.0] * cap)
+    assert stable_rank(flat).item() == pytest.approx(cap, rel=1e-12)
+    gaussian = embedding(1, b, d)
+    assert 1 <= stable_rank(gaussian).item() < cap or cap == 1
+
+
+# ----------------------------------------------------------------------------------------------
+# 14. The loss with several groups, and the random group partition's distribution
+
+def hand_made_partition(seed, num_views, batch, d, groups, sub_batch, iters=1):
+    """A partition built here by torch.randperm, not by random_group_partition: one sample order
+    per repetition, one channel permutation per repetition, view and sub-batch; the identity for
+    one group (the loss then ignores the channel order, and BW by Cholesky depends on it)."""
+    gen = torch.Generator().manual_seed(seed)
+    samples = torch.stack([torch.randperm(batch, generator=gen) for _ in range(iters)])
+    shape = (iters, num_views, batch // sub_batch)
+    if groups == 1:
+        return samples, torch.arange(d).expand(*shape, d)
+    channels = [torch.randperm(d, generator=gen) for _ in range(math.prod(shape))]
+    return samples, torch.stack(channels).view(*shape, d)
+
+
+@settings(max_examples=40, deadline=None)
+@given(problems(dtype=torch.float64, methods=("zca", "cholesky"), margin=3), seeds,
+       st.integers(2, 3), st.integers(1, 2), st.integers(1, 2), st.booleans(),
+       st.sampled_from([0.0, 0.2]))
+@example(("channel", "zca", 3, 4, 3, torch.float64), 0, 3, 2, 2, True, 0.2)
+def test_loss_applies_a_given_partition_as_the_reference_does(problem, seed, num_views,
+                                                               sub_batches, iters, normalize, eps):
+    """whitening_loss(partition=P) for a partition P made here (not drawn by
+    random_group_partition), any number of groups, views, sub-batches and repetitions, with and
+    without shrinkage: its value equals the loop reference applying P, and its gradient equals
+    autograd through that reference. Margin 3 keeps cond(Σ) near 10, where float64 gradients
+    agree to 1e-6 relative (at cond 3e8 forming Σ alone costs cond·eps₆₄, and the gradient's
+    1/s³ kernel makes both sides' rounding reach 1e-4)."""
+    axis, method, b, groups, c, _ = problem
+    d = groups * c
+    views = [embedding(seed + v, b * sub_batches, d, requires_grad=True) for v in range(num_views)]
+    partition = hand_made_partition(seed, num_views, b * sub_batches, d, groups, b, iters)
+    loss = whitening_loss(*views, axis=axis, groups=groups, sub_batch=b, iters=iters, method=method,
+                          eps=eps, normalize=normalize, partition=partition)
+    expected = reference_loss(views, *partition, axis, groups, method, eps, normalize)
+    torch.testing.assert_close(loss, expected)
+    grads = torch.autograd.grad(loss, views)
+    expected_grads = torch.autograd.grad(expected, views)
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-9)
+
+
+@st.composite
+def grouped_problems(draw):
+    """(axis, method, b, groups, c) with g ≥ 2 groups of c ≥ 2 channels, d = g·c ≥ 12 and
+    sub-batches of b ≥ 2 (one channel or one sample per group is standardised the same whatever
+    the grouping). d ≥ 12 leaves at least 462 ways to split the channels into groups."""
+    axis = draw(st.sampled_from(["batch", "channel"]))
+    method = draw(st.sampled_from(["zca", "cholesky", "pca"]))
+    groups = draw(st.integers(2, 4))
+    c = draw(st.integers(max(2, -(-12 // groups)), 7))
+    b = draw(st.integers(c + 1, c + 6)) if axis == "batch" else draw(st.integers(2, c))
+    return axis, method, b, groups, c
+
+
+@settings(max_examples=40, deadline=None)
+@given(grouped_problems(), seeds, st.booleans(), st.sampled_from([0.0, 0.2]))
+def test_identical_views_give_a_positive_loss_with_several_groups(problem, seed, normalize, eps):
+    """The converse of the one-group property, and what the random partition is for: with g > 1
+    the views' channels are grouped independently, so identical views are whitened differently
+    and give a positive loss; given a partition in which both views share each sub-batch's
+    permutation, the same views give zero. With 3 sub-batches the chance that the two views'
+    draws split the channels into the same groups in all of them is below 1/462³ = 1e-8. Zero
+    is float64 rounding (≤ 1e-12); different groups give 0.06 to 1 (smallest of 1600 draws:
+    0.06), so 1e-6 separates them."""
+    axis, method, b, groups, c = problem
+    d = groups * c
+    z = embedding(seed, 3 * b, d)
+    kw = dict(axis=axis, groups=groups, sub_batch=b, method=method, eps=eps, normalize=normalize)
+    drawn = whitening_loss(z, z.clone(), generator=torch.Generator().manual_seed(seed), **kw)
+    assert drawn > 1e-6
+    samples, channels = random_group_partition(2, 3 * b, d, groups, b, 1,
+                                               torch.Generator().manual_seed(seed))
+    shared = channels[:, :1].expand_as(channels)
+    assert whitening_loss(z, z.clone(), partition=(samples, shared), **kw) < 1e-12
+
+
+@settings(max_examples=40, deadline=None)
+@given(problems(methods=("zca", "cholesky"), dtype=torch.float64), seeds, st.booleans())
+def test_loss_with_any_groups_is_symmetric_bounded_and_averages_pairs(problem, seed, normalize):
+    """With any number of groups, for a partition P of three views (P_v: view v's permutations):
+    L(z1, z2; P_1, P_2) = L(z2, z1; P_2, P_1) (each view keeps its permutation), the normalised
+    loss lies in [0, 4] (2 − 2·cos), and L(z1, z2, z3; P) is the mean of the three pairwise
+    losses, each with its views' permutations and the shared sub-batches (float64 rounding)."""
+    axis, method, b, groups, c, _ = problem
+    d = groups * c
+    views = [embedding(seed + k, 2 * b, d) for k in range(3)]
+    samples, channels = random_group_partition(3, 2 * b, d, groups, b, 1,
+                                               torch.Generator().manual_seed(seed))
+
+    def loss(*which):
+        partition = (samples, channels[:, list(which)])
+        return whitening_loss(*[views[v] for v in which], axis=axis, groups=groups, sub_batch=b,
+                              method=method, normalize=normalize, partition=partition)
+    torch.testing.assert_close(loss(0, 1), loss(1, 0))
+    if normalize:
+        assert 0 <= loss(0, 1) <= 4 + 1e-12  # 4 exactly for opposite rows, up to rounding
+    torch.testing.assert_close(loss(0, 1, 2), (loss(0, 1) + loss(0, 2) + loss(1, 2)) / 3)
+
+
+def test_random_group_partition_puts_two_channels_together_as_theory_says():
+    """The partition's distribution on its own. Within one (repetition, view, sub-batch) two given
+    channels share a group with chance p = (c − 1)/(d − 1), for every pair of channels (a
+    uniformly random partition, not e.g. a random rotation of fixed runs); and the permutations of
+    two views, of two sub-batches and of two repetitions are independent: both put the pair
+    together with chance p², never p (shared) or 0. Likewise two samples share a sub-batch with
+    chance (b − 1)/(m − 1), independently between repetitions. Every chance is estimated from
+    N = 4000 draws per pair and checked to 5 binomial σ (√(p(1−p)/N) ≤ 0.008)."""
+    draws, views, d, groups, batch, sub_batch = 4000, 2, 8, 2, 8, 4
+    c = d // groups
+    samples, channels = random_group_partition(views, batch, d, groups, sub_batch, draws,
+                                               torch.Generator().manual_seed(0))
+    group_of = channels.argsort(-1) // c  # (draws, views, sub-batches, d): each channel's group
+    together = (group_of.unsqueeze(-1) == group_of.unsqueeze(-2)).double()
+    off_diagonal = ~torch.eye(d, dtype=torch.bool)
+
+    def check(chances, p):
+        sigma = math.sqrt(p * (1 - p) / draws)
+        assert (chances[off_diagonal] - p).abs().max() < 5 * sigma, (chances, p)
+    p = (c - 1) / (d - 1)
+    check(together.mean((0, 1, 2)), p)
+    check((together[:, 0] * together[:, 1]).mean((0, 1)), p * p)  # two views
+    check((together[:, :, 0] * together[:, :, 1]).mean((0, 1)), p * p)  # two sub-batches
+    check((together[0::2] * together[1::2]).mean((0, 1, 2)), p * p)  # two repetitions
+    sub_batch_of = samples.argsort(-1) // sub_batch  # (draws, batch): each sample's sub-batch
+    same_sub_batch = (sub_batch_of.unsqueeze(-1) == sub_batch_of.unsqueeze(-2)).double()
+    q = (sub_batch - 1) / (batch - 1)
+    check(same_sub_batch.mean(0), q)
+    check((same_sub_batch[0::2] * same_sub_batch[1::2]).mean(0), q * q)
+
+
+# ----------------------------------------------------------------------------------------------
+# 15. The paper's shapes and the conditioning training reaches, in float32
+
+EPS32 = torch.finfo(torch.float32).eps
+REALISTIC_SHAPES = {  # name: (axis, sub-batch b, d, groups)
+    "cw-rgp": ("channel", 64, 512, 4),  # the paper's CIFAR recipe: c = 128 channels per group
+    "w-mse": ("batch", 128, 64, 1),  # W-MSE: embedding 64, sub-batch 128
+    "bw-groups": ("batch", 128, 128, 2),  # BW with two groups of 64
+}
+SPECTRA = ("decaying", "collinear", "collapsing")
+
+
+def conditioned_embedding(seed, axis, b, d, kind, log_cond):
+    """A float32 (b, d) embedding whose whitened rows (samples for CW, channels for BW) have
+    cond(Σ) of roughly 10^log_cond (a factor ~30 either way: measure it), of a kind training
+    produces: "decaying" (a smoothly decaying spectrum), "collinear" (two rows nearly equal) or
+    "collapsing" (one dominant direction plus a small spread). Offsets that centring removes
+    (per sample for CW, per channel for BW) give centring work to do in float32."""
+    gen = torch.Generator().manual_seed(seed)
+    n, k = (b, d) if axis == "channel" else (d, b)  # x: n rows to whiten, over k entries
+    x = torch.randn(n, k, generator=gen, dtype=torch.float64)
+    delta = 10.0 ** (-log_cond / 2)  # cond(Σ) = cond(x)²
+    if kind == "decaying":
+        rotation = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64)).Q
+        decay = delta ** (torch.arange(n, dtype=torch.float64) / (n - 1))  # from 1 to δ
+        x = rotation @ (decay.unsqueeze(1) * x)  # rows mixed, so no row is the small one
+    elif kind == "collinear":
+        x[1] = x[0] + delta * x[1]
+    else:
+        direction = torch.randn(n, 1, generator=gen, dtype=torch.float64)
+        x = direction * torch.randn(1, k, generator=gen, dtype=torch.float64) + delta * x
+    offsets = torch.randn(n, 1, generator=gen, dtype=torch.float64)
+    z = x + offsets if axis == "channel" else (x + offsets).T
+    return z.float()
+
+
+def whitened_condition_number(z, axis, groups, perm):
+    """The largest cond(Σ) over the groups, from the float32 input's exact values in float64."""
+    blocks = centred_groups(z.double() if perm is None else z.double()[:, perm], axis, groups)
+    singular_values = torch.linalg.svdvals(blocks)
+    return (singular_values[:, 0] / singular_values[:, -1]).max().item() ** 2
+
+
+def float32_output_tolerance(cond):
+    """Relative (Frobenius) error allowed for a float32 whitened output at cond(Σ) = cond. Σ and
+    its decomposition are float64 (their rounding, cond·eps₆₄, is negligible); the float32 step is
+    the product with x: rounding x′ = Uᵀx costs eps₃₂·σ_max(x) in every coordinate, and dividing by
+    σ_min makes that a relative cond(x)·eps₃₂ = √cond(Σ)·eps₃₂. Observed at these shapes, ZCA
+    (both solvers) and Cholesky: at most 0.4 times that. Allowed: 10 times, at least 30·eps₃₂. A
+    float32 Σ would be off by cond(Σ)·eps₃₂: 30 times this tolerance at cond 1e5."""
+    return max(10 * math.sqrt(cond), 30) * EPS32
+
+
+def float32_gradient_tolerance(cond, k, solver):
+    """Relative (Frobenius) error allowed for a float32 gradient at cond(Σ) = cond, the rows
+    whitened over k entries. ZCA by eigh and Cholesky: the backward's float32 products
+    (x′ = Uᵀx, G′x′ᵀ) are sums of k terms (rounding √k·eps₃₂), and the kernel 1/s³ of the small
+    directions turns that into √k·√cond(Σ)·eps₃₂ relative, where the two terms of ∂L/∂x (G′/s
+    and 2a·H′x′) largely cancel, as they do for near-collinear rows; observed at most 1.6 times
+    that: allowed 10 times. Newton–Schulz: autograd rounds ∂L/∂W = G xᵀ to float32 before the
+    derivative of Σ^(-1/2), which amplifies a relative error by up to cond(Σ): observed at most
+    0.3·cond·eps₃₂; allowed 2·cond(Σ)·eps₃₂."""
+    if solver == "newton":
+        return max(2 * cond, 30) * EPS32
+    return max(10 * math.sqrt(k * cond), 30) * EPS32
+
+
+@settings(max_examples=45, deadline=None)
+@given(st.sampled_from(list(REALISTIC_SHAPES)),
+       st.sampled_from(["zca-eigh", "zca-newton", "cholesky"]), st.sampled_from(SPECTRA),
+       st.floats(1, 5), seeds)
+@example("cw-rgp", "zca-eigh", "decaying", 4.5, 0)
+@example("w-mse", "cholesky", "collapsing", 5, 0)
+@example("cw-rgp", "zca-newton", "collinear", 5, 1)
+@example("cw-rgp", "zca-eigh", "collinear", 4, 21780)  # the two gradient terms cancel most here
+def test_float32_whitening_at_the_papers_shapes_matches_float64_reference(shape, method, kind,
+                                                                          log_cond, seed):
+    """At the paper's shapes (CW-RGP's 64 × 512 in 4 groups, W-MSE's 128 × 64, BW in 2 groups),
+    on decaying, near-collinear and collapsing embeddings with cond(Σ) from about 10 to 1e6
+    (training reaches 4e4), float32 whitening and its gradient equal the float64 reference and
+    autograd through it, applied to the same float32 values, to float32_output_tolerance and
+    float32_gradient_tolerance of cond(Σ), measured per draw. PCA is left out: its output also
+    depends on the eigenvalue gaps (and it fails as a loss); float64 tests cover it."""
+    axis, b, d, groups = REALISTIC_SHAPES[shape]
+    method, _, solver = method.partition("-")
+    z = conditioned_embedding(seed, axis, b, d, kind, log_cond)
+    perm = random_perm(seed, d) if groups > 1 else None
+    cond = whitened_condition_number(z, axis, groups, perm)
+    weights = torch.randn(b, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    z32, z64 = z.clone().requires_grad_(), z.double().requires_grad_()
+    out = WHITEN[axis](z32, groups=groups, method=method, perm=perm, solver=solver or "eigh")
+    expected = reference_whiten(z64, axis, groups, method, perm=perm)
+    assert out.dtype == torch.float32
+    assert relative(out.double(), expected.detach()) <= float32_output_tolerance(cond)
+    (grad,) = torch.autograd.grad((out * weights.float()).sum(), z32)
+    (expected_grad,) = torch.autograd.grad((expected * weights).sum(), z64)
+    k = d // groups if axis == "channel" else b
+    assert relative(grad.double(), expected_grad) <= float32_gradient_tolerance(cond, k, solver)
+
+
+@settings(max_examples=8, deadline=None)
+@given(st.sampled_from(["cw-rgp", "w-mse"]), st.sampled_from(SPECTRA), st.floats(1, 5), seeds)
+@example("cw-rgp", "collapsing", 5, 0)
+def test_float32_loss_at_the_papers_shapes_matches_float64_reference(recipe, kind, log_cond, seed):
+    """cw_rgp_loss on two (256, 512) float32 views (4 sub-batches of 64, 4 groups) and w_mse_loss
+    on two (256, 64) views (2 sub-batches of 128), the second view a noisy copy of the first,
+    equal the float64 reference loss for the same partition, value and gradients, at the worst
+    cond(Σ) among all sub-batches, views and groups. The rows are L2-normalised, so the loss
+    moves by at most 8 times their relative error: 8·float32_output_tolerance, absolute."""
+    loss_of = {"cw-rgp": cw_rgp_loss, "w-mse": w_mse_loss}[recipe]
+    axis, sub_batch, d, groups = REALISTIC_SHAPES[recipe]
+    batch = 256
+    first = conditioned_embedding(seed, axis, batch, d, kind, log_cond)
+    noise = torch.randn(batch, d, generator=torch.Generator().manual_seed(seed + 1))
+    views = [first, first + 0.1 * first.std() * noise]
+    samples, channels = random_group_partition(2, batch, d, groups, sub_batch, 1,
+                                               torch.Generator().manual_seed(seed))
+    sub_batches = samples[0].view(-1, sub_batch)
+    cond = max(whitened_condition_number(view[rows], axis, groups, channels[0, v, k])
+               for v, view in enumerate(views) for k, rows in enumerate(sub_batches))
+    views32 = [v.clone().requires_grad_() for v in views]
+    views64 = [v.double().requires_grad_() for v in views]
+    loss = loss_of(*views32, partition=(samples, channels), solver="eigh")
+    method = "zca" if recipe == "cw-rgp" else "cholesky"
+    expected = reference_loss(views64, samples, channels, axis, groups, method)
+    assert loss.dtype == torch.float32
+    assert abs(loss.item() - expected.item()) <= 8 * float32_output_tolerance(cond)
+    k = d // groups if axis == "channel" else sub_batch
+    gradients = torch.autograd.grad(loss, views32)
+    for got, want in zip(gradients, torch.autograd.grad(expected, views64)):
+        assert relative(got.double(), want) <= float32_gradient_tolerance(cond, k, "eigh")
+
+
+# ----------------------------------------------------------------------------------------------
+# 16. whitening_matrix exactly: Newton–Schulz at the rule's threshold, the gradient of every method
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("n", [2, 8, 64])
+def test_newton_reaches_the_exact_inverse_square_root_at_the_rules_threshold(n, dtype):
+    """On a diagonal Σ every Newton–Schulz product is exact to one rounding per entry, so the
+    answer W = diag(λ^(-1/2)) is known to eps, at any condition number: there the test can be
+    exact where the eigh comparison at cond 1e15 (20·cond·eps₆₄: 5 at n = 2) cannot. With all
+    eigenvalues but one at λ_max = 1 and the smallest just above the rule's threshold t = n·eps
+    (the slowest start that is accepted), W is diag(λ^(-1/2)) to 64·eps₆₄ in every entry (about
+    50 steps of a few roundings; observed ≤ 5e-16), exactly diagonal, and returned in Σ's dtype
+    (float32: one rounding, eps₃₂). Iterating too little leaves the smallest eigenvalue's entry off
+    by 3e-13 at n = 64 (one step fewer) and by O(1) when far from converged."""
+    eps = torch.finfo(dtype).eps
+    eigenvalues = torch.ones(n, dtype=torch.float64)
+    eigenvalues[-1] = 1.01 * n * eps
+    cov = torch.diag(eigenvalues).to(dtype)
+    W = whitening_matrix(cov, solver="newton")
+    assert W.dtype == dtype
+    exact = cov.double().diagonal().rsqrt()
+    assert torch.equal(W, torch.diag(W.diagonal()))
+    tol = 64 * EPS64 if dtype == torch.float64 else eps
+    assert ((W.diagonal().double() - exact).abs() / exact).max() <= tol
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(2, 6), st.sampled_from(["zca-eigh", "zca-newton", "cholesky", "pca"]), seeds)
+def test_whitening_matrix_gradient_matches_the_reference_on_the_symmetric_part(n, method, seed):
+    """For every method and solver, ∂/∂Σ of whitening_matrix equals autograd through the reference
+    applied to Σ's symmetric part (Σ + Σᵀ)/2: a covariance's gradient is symmetric (Cholesky reads
+    only Σ's lower triangle, so without that symmetrisation its gradient would be lower
+    triangular). Eigenvalues spread in [0.5, 3.5] (gaps for PCA, cond ≤ 7): float64 to 1e-8."""
+    method, _, solver = method.partition("-")
+    gen = torch.Generator().manual_seed(seed)
+    U = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64)).Q
+    eigenvalues = 0.5 + 3 * torch.arange(n, dtype=torch.float64) / (n - 1)
+    cov = (U * eigenvalues) @ U.T
+    cov = (cov + cov.T) / 2
+    weights = torch.randn(n, n, generator=gen, dtype=torch.float64)
+    ours, theirs = cov.clone().requires_grad_(), cov.clone().requires_grad_()
+    (whitening_matrix(ours, method, solver or "auto") * weights).sum().backward()
+    (reference_matrix((theirs + theirs.T) / 2, method) * weights).sum().backward()
+    torch.testing.assert_close(ours.grad, theirs.grad, rtol=1e-8, atol=1e-10)
