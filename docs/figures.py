@@ -8,7 +8,8 @@ Figures from the trainer's logs (runs/<name>/log.jsonl and config.json).
   claims.png    what CW-RGP's random group partition and channel whitening are for: the 5-NN and
                 the embedding's stable rank against the batch size (CW-RGP, BW with ZCA, W-MSE)
                 and against the number of groups g (CW-RGP), from the short runs kept as
-                docs/logs/sweep-*
+                docs/logs/sweep-*; and CW with one group, with fixed groups and with random
+                groups (CW-RGP) beside W-MSE, from docs/logs/claims-*
 and one from cwrgp.py itself:
   whitening.png a 2-D embedding batch-whitened by ZCA, Cholesky and PCA, and how far each output
                 moves when the embedding moves by δ near a repeated eigenvalue (derivations 1, 2, 6)
@@ -175,9 +176,31 @@ def plot_sweep(axes, xs, prefix_of, style, text, dim, refused_at=None):
 REFUSED_AT = 0.61
 
 
+# The random-versus-fixed partition experiment: docs/logs/claims-<cell>-s<seed>, one per seed.
+PARTITION_CELLS = {"cw-g1": "CW, g = 1", "cw-fixed-g4": "CW, fixed\ngroups, g = 4",
+                   "cwrgp-g4": "CW-RGP,\ng = 4", "wmse": "W-MSE"}
+
+
+def partition_panel(ax, raw_knn5):
+    """Each seed's final 5-NN as a dot and the mean over seeds as a bar, per cell."""
+    for x, (cell, text) in enumerate(PARTITION_CELLS.items()):
+        paths = sorted(LOGS.glob(f"claims-{cell}-s*.jsonl"))
+        runs = [load_run(path, path.with_suffix(".config.json"), path.stem) for path in paths]
+        knn5 = [run["epochs"][-1]["knn5_top1"] for run in runs]
+        if knn5:
+            ax.plot([x] * len(knn5), knn5, ".", color="C0")
+            ax.plot([x], [sum(knn5) / len(knn5)], "_", color="C0", markersize=24)
+    ax.axhline(raw_knn5, color="gray", linestyle=":", label="raw pixels")
+    ax.set_xticks(range(len(PARTITION_CELLS)), list(PARTITION_CELLS.values()), fontsize=7)
+    ax.set(xlim=(-0.5, len(PARTITION_CELLS) - 0.5), ylabel="5-NN top-1 (test)",
+           title="random vs fixed groups (dots: seeds; bar: mean)")
+    ax.legend(fontsize=7)
+
+
 def claims_figure(path, raw_knn5):
     batches, groups = (32, 64, 128, 256), (1, 2, 4, 8)
-    fig, axes = plt.subplots(1, 4, figsize=(18, 4.4))
+    fig, axes = plt.subplots(1, 5, figsize=(22, 4.4))
+    partition_panel(axes[4], raw_knn5)
     for row, (method, text) in enumerate(SWEEP_METHODS.items()):
         dim = 64 if method == "wmse" else 512
         plot_sweep(axes[:2], batches, lambda b: f"{method}-b{b}", "-o", text, dim,
@@ -187,7 +210,7 @@ def claims_figure(path, raw_knn5):
     # g = 8 cuts 512 channels into c = 64, which cannot whiten sub-batches of 64 (c must exceed b):
     # sub-batch 32 there
     prefix = lambda g: {4: "cwrgp-b256", 8: "cwrgp-g8-sb32"}.get(g, f"cwrgp-g{g}")  # noqa: E731
-    plot_sweep(axes[2:], groups, prefix, "-o", "CW-RGP, batch 256 (sub-batch 64; 32 at g = 8)", 512,
+    plot_sweep(axes[2:4], groups, prefix, "-o", "CW-RGP, batch 256 (sub-batch 64; 32 at g = 8)", 512,
                REFUSED_AT)
     for ax in (axes[0], axes[2]):
         ax.axhline(raw_knn5, color="gray", linestyle=":", label="raw pixels")
@@ -203,7 +226,7 @@ def claims_figure(path, raw_knn5):
                 ylabel="stable rank / d", title="CW-RGP: stable rank by groups")
     axes[0].legend(fontsize=7)
     axes[2].legend(fontsize=7)
-    for ax in axes:
+    for ax in axes[:4]:
         ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
     fig.tight_layout()
     fig.savefig(path, **SAVE)
