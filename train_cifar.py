@@ -81,11 +81,12 @@ def build_parser():
     parser = Parser(description="CW-RGP self-supervised pre-training; defaults: the CIFAR recipe",
                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_recipe_flags(parser.add_argument)
+    add_view_flags(parser.add_argument)
     add_run_flags(parser.add_argument)
     return parser
 
 def add_recipe_flags(add):
-    """The data, the networks, the loss, the optimiser and the views."""
+    """The data, the networks, the loss and the optimiser."""
     datasets = ["cifar10", "cifar100", "stl10", "tiny-imagenet", "fashion-mnist", "fake"]
     add("--dataset", choices=datasets, default="cifar10",
         help="fashion-mnist brings the CPU recipe's defaults; fake: random images, for tests")
@@ -116,6 +117,9 @@ def add_recipe_flags(add):
     add("--drop-at", type=COUNT, nargs="*", default=[50, 25],
         help="lr drops this many epochs before the end (fashion-mnist: 3 1)")
     add("--drop-factor", type=FRACTION, default=0.2, help="lr factor at each drop")
+
+def add_view_flags(add):
+    """The augmentation of each view."""
     add("--view-size", type=COUNT, help="side of the views (stl10, tiny-imagenet: 64; else the "
         "images' own)")
     add("--crop-scale", type=FRACTION, nargs=2, default=[0.2, 1.0], help="fashion-mnist: 0.5 1")
