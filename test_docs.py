@@ -197,7 +197,8 @@ def test_training_page_commands_are_checked():
 
 def test_docs_name_no_placeholder_address():
     placeholders = [f"{page.relative_to(ROOT)}:{number}: {line.strip()}"
-                    for page in PAGES for number, line in enumerate(page.read_text().splitlines(), 1)
+                    for page in [*PAGES, ROOT / "pyproject.toml", ROOT / "requirements.txt"]
+                    for number, line in enumerate(page.read_text().splitlines(), 1)
                     if re.search(r"<this repository|git\+<|URL>", line)]
     assert not placeholders, "placeholder addresses in the docs:\n" + "\n".join(placeholders)
 
