@@ -6,10 +6,10 @@ Figures from the trainer's logs (runs/<name>/log.jsonl and config.json).
                 middle and last epoch) and of the whitened output (last epoch), on the epoch's
                 last batch
   claims.png    what CW-RGP's random group partition and channel whitening are for: the 5-NN and
-                the embedding's stable rank against the batch size (CW-RGP, BW with ZCA, W-MSE)
-                and against the number of groups g (CW-RGP), from the short runs kept as
-                docs/logs/sweep-*; and CW with one group, with fixed groups and with random
-                groups (CW-RGP) beside W-MSE, from docs/logs/claims-*
+                the embedding's stable rank against the batch size (CW-RGP, BW with ZCA, W-MSE;
+                the 4-epoch runs docs/logs/sweep-*), and against the number of groups g (CW-RGP),
+                and CW with one group, fixed groups and random groups beside W-MSE (the 10-epoch
+                runs docs/logs/claims-*)
 and one from cwrgp.py itself:
   whitening.png a 2-D embedding batch-whitened by ZCA, Cholesky and PCA, and how far each output
                 moves when the embedding moves by δ near a repeated eigenvalue (derivations 1, 2, 6)
@@ -141,9 +141,9 @@ SWEEP_METHODS = {"cwrgp": "CW-RGP (CW, ZCA, d=512, g=4)", "bwzca": "BW, ZCA, d=5
 
 
 def sweep_points(prefix):
-    """{seed: last epoch's row} of the kept runs docs/logs/sweep-<prefix>-s<seed>.jsonl."""
+    """{seed: last epoch's row} of the kept runs docs/logs/<prefix>-s<seed>.jsonl."""
     points = {}
-    for path in sorted(LOGS.glob(f"sweep-{prefix}-s*.jsonl")):
+    for path in sorted(LOGS.glob(f"{prefix}-s*.jsonl")):
         seed = path.stem.rsplit("-s", 1)[1]
         points[seed] = load_run(path, path.with_suffix(".config.json"), path.stem)["epochs"][-1]
     return points
@@ -203,15 +203,16 @@ def claims_figure(path, raw_knn5):
     partition_panel(axes[4], raw_knn5)
     for row, (method, text) in enumerate(SWEEP_METHODS.items()):
         dim = 64 if method == "wmse" else 512
-        plot_sweep(axes[:2], batches, lambda b: f"{method}-b{b}", "-o", text, dim,
+        plot_sweep(axes[:2], batches, lambda b: f"sweep-{method}-b{b}", "-o", text, dim,
                    REFUSED_AT + 0.012 * row)
-        plot_sweep(axes[:2], batches, lambda b: f"{method}-b{b}-eps", "--^",
+        plot_sweep(axes[:2], batches, lambda b: f"sweep-{method}-b{b}-eps", "--^",
                    f"{text}, with shrinkage ε", dim)
     # g = 8 cuts 512 channels into c = 64, which cannot whiten sub-batches of 64 (c must exceed b):
-    # sub-batch 32 there
-    prefix = lambda g: {4: "cwrgp-b256", 8: "cwrgp-g8-sb32"}.get(g, f"cwrgp-g{g}")  # noqa: E731
-    plot_sweep(axes[2:4], groups, prefix, "-o", "CW-RGP, batch 256 (sub-batch 64; 32 at g = 8)", 512,
-               REFUSED_AT)
+    # sub-batch 32 there. The 10-epoch runs of the partition experiment give g = 1 and 4.
+    group_runs = {1: "claims-cw-g1", 2: "claims-cwrgp-g2", 4: "claims-cwrgp-g4",
+                  8: "claims-cwrgp-g8-sb32"}
+    plot_sweep(axes[2:4], groups, group_runs.get, "-o",
+               "CW-RGP, batch 256, 10 epochs (sub-batch 32 at g = 8)", 512)
     for ax in (axes[0], axes[2]):
         ax.axhline(raw_knn5, color="gray", linestyle=":", label="raw pixels")
         ax.set_ylim(bottom=0.6, top=0.9)
