@@ -193,7 +193,7 @@ def partition_panel(ax, raw_knn5):
     ax.axhline(raw_knn5, color="gray", linestyle=":", label="raw pixels")
     ax.set_xticks(range(len(PARTITION_CELLS)), list(PARTITION_CELLS.values()), fontsize=7)
     ax.set(xlim=(-0.5, len(PARTITION_CELLS) - 0.5), ylabel="5-NN top-1 (test)",
-           title="random vs fixed groups (dots: seeds; bar: mean)")
+           title="groups fixed or random (dot: seed, bar: mean)")
     ax.legend(fontsize=7)
 
 
