@@ -180,11 +180,9 @@ class Timing:
 def git_commit():
     """The project's commit, marked -dirty if tracked files changed; None outside a clone."""
     here = os.path.dirname(os.path.abspath(__file__))
+    command = ["git", "describe", "--always", "--dirty", "--exclude=*"]  # never a tag's name
     try:
-        found = [subprocess.run(["git", *command], cwd=here, capture_output=True, text=True,
-                                check=True).stdout.strip()
-                 for command in (["rev-parse", "--short", "HEAD"],
-                                 ["status", "--porcelain", "--untracked-files=no"])]
+        return subprocess.run(command, cwd=here, capture_output=True, text=True,
+                              check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return None
-    return found[0] + ("-dirty" if found[1] else "")
