@@ -36,6 +36,7 @@ decided by rounding.
 """
 
 import argparse
+import functools
 import json
 import pathlib
 import sys
@@ -149,6 +150,10 @@ def sweep_points(prefix):
     return points
 
 
+def mean(rows, key):
+    return sum(row[key] for row in rows) / len(rows)
+
+
 def plot_sweep(axes, xs, prefix_of, style, text, dim, refused_at=None):
     """Mean over seeds (line) and each seed (dots) of the 5-NN and the normalised stable rank; an x
     on 5-NN axis at height refused_at where a setting was refused (no log)."""
@@ -158,7 +163,6 @@ def plot_sweep(axes, xs, prefix_of, style, text, dim, refused_at=None):
     if not done:
         return
     xs_done = [x for x, _ in done]
-    mean = lambda rows, key: sum(r[key] for r in rows) / len(rows)  # noqa: E731
     line, = knn.plot(xs_done, [mean(rows, "knn5_top1") for _, rows in done], style, label=text)
     rank.plot(xs_done, [mean(rows, "stable_rank") / dim for _, rows in done], style,
               color=line.get_color())
@@ -203,7 +207,11 @@ BATCH_256 = {"cwrgp": "claims-cwrgp-g4", "wmse": "claims-wmse"}
 
 
 def batch_run(method, batch, eps=""):
-    return BATCH_256.get(method) if batch == 256 and not eps else f"small-{method}-b{batch}{eps}"
+    """The log name, less its seed, of one method at one batch size; eps="-eps": with shrinkage."""
+    name = f"small-{method}-b{batch}{eps}"
+    if batch == 256 and not eps:
+        return BATCH_256.get(method, name)
+    return name
 
 
 def claims_figure(path, raw_knn5):
@@ -212,9 +220,9 @@ def claims_figure(path, raw_knn5):
     partition_panel(axes[4], raw_knn5)
     for row, (method, text) in enumerate(SWEEP_METHODS.items()):
         dim = 64 if method == "wmse" else 512
-        plot_sweep(axes[:2], batches, lambda b: batch_run(method, b), "-o", text, dim,
+        plot_sweep(axes[:2], batches, functools.partial(batch_run, method), "-o", text, dim,
                    REFUSED_AT + 0.004 * row)
-        plot_sweep(axes[:2], batches, lambda b: batch_run(method, b, "-eps"), "--^",
+        plot_sweep(axes[:2], batches, functools.partial(batch_run, method, eps="-eps"), "--^",
                    f"{text}, with shrinkage ε = 1e-3", dim)
     # g = 8 cuts 512 channels into c = 64, which cannot whiten sub-batches of 64 (c must exceed b):
     # sub-batch 32 there. The 10-epoch runs of the partition experiment give g = 1 and 4.
