@@ -7,7 +7,7 @@ Figures from the trainer's logs (runs/<name>/log.jsonl and config.json).
                 last batch
   claims.png    what CW-RGP's random group partition and channel whitening are for: the 5-NN and
                 the embedding's stable rank against the batch size (CW-RGP, BW with ZCA, W-MSE;
-                docs/logs/small-* and, at batch 256, claims-*), against the number of groups g
+                docs/logs/small-*; CW-RGP's and W-MSE's at batch 256: claims-*), against the number of groups g
                 (CW-RGP), and CW with one group, fixed groups and random groups beside W-MSE
                 (docs/logs/claims-*); 10 epochs on 10,000 images, three seeds
 and one from cwrgp.py itself:
@@ -171,7 +171,7 @@ def plot_sweep(axes, xs, prefix_of, style, text, dim, refused_at=None):
         rank.plot([x] * len(rows), [r["stable_rank"] / dim for r in rows], ".",
                   color=line.get_color())
     refused = [x for x in xs if x not in xs_done]
-    if refused_at is not None:
+    if refused and refused_at is not None:
         knn.plot(refused, [refused_at] * len(refused), "x", color=line.get_color(), markersize=9,
                  clip_on=False)
 
@@ -197,8 +197,8 @@ def partition_panel(ax, raw_knn5):
     ax.axhline(raw_knn5, color="gray", linestyle=":", label="raw pixels")
     ax.set_xticks(range(len(PARTITION_CELLS)), list(PARTITION_CELLS.values()), fontsize=7)
     ax.set(xlim=(-0.5, len(PARTITION_CELLS) - 0.5), ylabel="5-NN top-1 (test)",
-           title="groups fixed or random (dot: seed, bar: mean)")
-    ax.legend(fontsize=7)
+           title="groups fixed or random\n(dot: seed, bar: mean)")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(0, -0.17))
 
 
 # The small-batch experiment: docs/logs/small-<method>-b<batch>[-eps]-s<seed>; at batch 256 the
@@ -216,7 +216,7 @@ def batch_run(method, batch, eps=""):
 
 def claims_figure(path, raw_knn5):
     batches, groups = (32, 64, 128, 256), (1, 2, 4, 8)
-    fig, axes = plt.subplots(1, 5, figsize=(22, 4.4))
+    fig, axes = plt.subplots(1, 5, figsize=(22, 5.6))
     partition_panel(axes[4], raw_knn5)
     for row, (method, text) in enumerate(SWEEP_METHODS.items()):
         dim = 64 if method == "wmse" else 512
@@ -242,8 +242,9 @@ def claims_figure(path, raw_knn5):
                 ylabel="5-NN top-1 (test)", title="CW-RGP: 5-NN by groups")
     axes[3].set(xscale="log", xticks=groups, xticklabels=groups, yscale="log", xlabel="groups g",
                 ylabel="stable rank / d", title="CW-RGP: stable rank by groups")
-    axes[0].legend(fontsize=7)
-    axes[2].legend(fontsize=7)
+    # below the panels: inside, they would hide the refusals' x at the axis' foot
+    for ax in (axes[0], axes[2]):
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(0, -0.17))
     for ax in axes[:4]:
         ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
     fig.tight_layout()
