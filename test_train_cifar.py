@@ -29,8 +29,9 @@ import train_cifar
 FASHION_DIR = "/usr/share/datasets/fashion-mnist"
 TINY = ["--arch", "convnet", "--width", "16", "--batch-size", "128", "--eval-every", "1",
         "--probe-epochs", "3", "--save-every", "1"]
-EPOCH_KEYS = {"epoch", "loss", "knn_top1", "knn5_top1", "knn5_l2_top1", "linear_top1", "stable_rank", "lr", "images_per_s", "train_s",
-              "elapsed_s", "embedding_spectrum", "whitened_spectrum"}
+EPOCH_KEYS = {"epoch", "loss", "knn_top1", "knn5_top1", "knn5_l2_top1", "linear_top1",
+              "stable_rank", "lr", "images_per_s", "train_s", "elapsed_s",
+              "embedding_spectrum", "whitened_spectrum"}
 
 
 def read_log(out):
@@ -39,7 +40,8 @@ def read_log(out):
 
 
 def run(tmp_path, name, *extra):
-    return train_cifar.main(["--dataset", "fake", "--limit", "512", *TINY, "--out", str(tmp_path / name), *extra])
+    return train_cifar.main(["--dataset", "fake", "--limit", "512", *TINY,
+                             "--out", str(tmp_path / name), *extra])
 
 
 def test_fake_end_to_end(tmp_path):
@@ -57,7 +59,8 @@ def test_fake_end_to_end(tmp_path):
     assert log[0]["linear_top1"] is None and 0 <= log[1]["linear_top1"] <= 1
     with open(os.path.join(result["out"], "config.json")) as f:
         assert json.load(f)["groups"] == 4
-    assert sorted(os.listdir(result["out"])) == ["ckpt-prev.pt", "ckpt.pt", "config.json", "log.jsonl"]
+    assert sorted(os.listdir(result["out"])) == [
+        "ckpt-prev.pt", "ckpt.pt", "config.json", "log.jsonl"]
     steps = [torch.load(os.path.join(result["out"], name), weights_only=True)["state"]["step"]
              for name in ("ckpt-prev.pt", "ckpt.pt")]
     assert steps == [4, 8]  # the previous epoch's checkpoint is kept beside the last
@@ -65,7 +68,8 @@ def test_fake_end_to_end(tmp_path):
 
 @pytest.mark.parametrize("method", ["wmse", "plain"])
 def test_other_methods_run(tmp_path, method):
-    """--method wmse (64-d embedding, BW Cholesky) and --method plain train through the same loop."""
+    """--method wmse (64-d embedding, BW Cholesky) and --method plain train through the same
+    loop."""
     result = run(tmp_path, method, "--epochs", "1", "--method", method, "--probe-epochs", "0")
     assert result["status"] == "done"
     assert result["model"]["projector"][-1].out_features == (64 if method == "wmse" else 512)
@@ -74,22 +78,25 @@ def test_other_methods_run(tmp_path, method):
 
 def test_convnet_pool_keeps_a_coarse_layout(tmp_path):
     """--pool k makes the convnet's features its last map averaged over k x k cells: 4 * width * k^2
-    features, the top-left cell's the mean of the map's top-left rows and columns, and a run trains on them."""
+    features, the top-left cell's the mean of the map's top-left rows and columns, and a run trains
+    on them."""
     encoder, features = train_cifar.convnet(1, 16, pool=3)
     x = torch.rand(2, 1, 28, 28)
     last_map = encoder[:-2](x)  # (2, 64, 7, 7), before the pooling and the flattening
     cells = encoder(x).view(2, 64, 3, 3)
     assert features == 64 * 9 and last_map.shape[-1] == 7
-    torch.testing.assert_close(cells[..., 0, 0], last_map[..., :3, :3].mean((2, 3)))  # 7 rows in 3 cells: 0-2, 2-4, 4-6
+    # 7 rows in 3 cells: 0-2, 2-4, 4-6
+    torch.testing.assert_close(cells[..., 0, 0], last_map[..., :3, :3].mean((2, 3)))
     result = run(tmp_path, "pool", "--epochs", "1", "--pool", "3", "--probe-epochs", "0")
     assert result["status"] == "done" and result["model"]["projector"][0].in_features == 64 * 9
 
 
-@pytest.mark.skipif(not os.path.isdir(FASHION_DIR), reason=f"{FASHION_DIR} absent (Debian package dataset-fashion-mnist)")
+@pytest.mark.skipif(not os.path.isdir(FASHION_DIR),
+                    reason=f"{FASHION_DIR} absent (Debian package dataset-fashion-mnist)")
 def test_fashion_mnist_end_to_end(tmp_path):
     """A few steps on real Fashion-MNIST images (1 channel, 28x28) run and evaluate."""
-    result = train_cifar.main(["--dataset", "fashion-mnist", "--limit", "1024", *TINY, "--epochs", "1",
-                               "--out", str(tmp_path / "f")])
+    result = train_cifar.main(["--dataset", "fashion-mnist", "--limit", "1024", *TINY,
+                               "--epochs", "1", "--out", str(tmp_path / "f")])
     assert result["status"] == "done"
     assert result["model"]["encoder"][1][0].in_channels == 1
     row = read_log(result["out"])[0]
@@ -125,13 +132,14 @@ def assert_same_run(a, b):
 
 @pytest.mark.parametrize("where", ["forward", "after_optimizer_step"])
 def test_resume_continues_identically(tmp_path, monkeypatch, where):
-    """Ctrl-C during step 6's forward pass (in the loss, BatchNorm already updated), or between its optimiser step and
-    the step counter, stops after that step with weights, optimiser, BatchNorm statistics and
-    counter saved together; --resume then ends bit-identical to an uninterrupted run, BatchNorm
-    statistics and kNN included."""
+    """Ctrl-C during step 6's forward pass (in the loss, BatchNorm already updated), or between its
+    optimiser step and the step counter, stops after that step with weights, optimiser, BatchNorm
+    statistics and counter saved together; --resume then ends bit-identical to an uninterrupted
+    run, BatchNorm statistics and kNN included."""
     straight = run(tmp_path, "straight", "--epochs", "2")
     with monkeypatch.context() as patch:
-        if where == "forward":  # after the encoder and projector, BatchNorm updated: call 1 is the start's check
+        if where == "forward":
+            # after the encoder and projector, BatchNorm updated: call 1 is the start's check
             signal_at_call(patch, train_cifar, "compute_loss", 7)
         else:
             signal_at_call(patch, torch.optim.Adam, "step", 6, before=False)
@@ -140,7 +148,8 @@ def test_resume_continues_identically(tmp_path, monkeypatch, where):
     assert len(read_log(interrupted["out"])) == 1
     saved = torch.load(os.path.join(interrupted["out"], "ckpt.pt"), weights_only=True)
     assert saved["state"]["step"] == 6
-    assert saved["model"]["encoder.1.1.num_batches_tracked"] == 2 * 6  # one forward per view and step taken
+    # one forward per view and step taken
+    assert saved["model"]["encoder.1.1.num_batches_tracked"] == 2 * 6
     resumed = train_cifar.main(["--resume", interrupted["out"]])
     assert resumed["status"] == "done"
     assert_same_run(straight, resumed)
@@ -174,7 +183,8 @@ def test_ctrl_c_during_evaluation_stops_at_once(tmp_path, monkeypatch):
 
         def interrupted_knn(*args, **kwargs):
             calls[0] += 1
-            if calls[0] == 4:  # epoch 2's first kNN (each evaluation runs three: 200-NN, 5-NN, L2 5-NN)
+            # epoch 2's first kNN (each evaluation runs three: 200-NN, 5-NN, L2 5-NN)
+            if calls[0] == 4:
                 os.kill(os.getpid(), signal.SIGINT)
                 time.sleep(1)  # a long evaluation: the signal must not wait for its end
                 raise AssertionError("the evaluation went on after Ctrl-C")
@@ -191,7 +201,8 @@ def test_ctrl_c_during_evaluation_stops_at_once(tmp_path, monkeypatch):
 
 
 def test_resume_extends_finished_run(tmp_path):
-    """--resume DIR --epochs N on a finished run trains the extra epochs, logs each, and probes again."""
+    """--resume DIR --epochs N on a finished run trains the extra epochs, logs each, and probes
+    again."""
     first = run(tmp_path, "x", "--epochs", "1")
     extended = train_cifar.main(["--resume", first["out"], "--epochs", "2"])
     assert extended["status"] == "done"
@@ -201,11 +212,12 @@ def test_resume_extends_finished_run(tmp_path):
 
 
 # A value other than the run's for every flag that defines a run (TINY on fake data).
-CHANGED = {"dataset": ["cifar10"], "limit": ["256"], "arch": ["resnet18"], "width": ["32"], "pool": ["2"], "hidden": ["512"],
-           "emb": ["256"], "method": ["wmse"], "views": ["3"], "groups": ["2"], "sub_batch": ["32"], "whiten": ["pca"],
-           "iters": ["2"], "batch_size": ["64"], "view_size": ["16"], "crop_scale": ["0.5", "1.0"], "crop_ratio": ["1.0", "1.0"],
-           "flip_p": ["0.0"], "jitter": ["0.0", "0.0", "0.0", "0.0"], "jitter_p": ["0.0"], "gray_p": ["0.0"],
-           "seed": ["1"], "fixed_groups": []}
+CHANGED = {"dataset": ["cifar10"], "limit": ["256"], "arch": ["resnet18"], "width": ["32"],
+           "pool": ["2"], "hidden": ["512"], "emb": ["256"], "method": ["wmse"], "views": ["3"],
+           "groups": ["2"], "sub_batch": ["32"], "whiten": ["pca"], "iters": ["2"],
+           "batch_size": ["64"], "view_size": ["16"], "crop_scale": ["0.5", "1.0"],
+           "crop_ratio": ["1.0", "1.0"], "flip_p": ["0.0"], "jitter": ["0.0", "0.0", "0.0", "0.0"],
+           "jitter_p": ["0.0"], "gray_p": ["0.0"], "seed": ["1"], "fixed_groups": []}
 
 
 def file_bytes(out):
@@ -227,12 +239,14 @@ def test_resume_refuses_a_change_to_a_defining_flag(tmp_path, capsys):
         with pytest.raises(SystemExit) as exit_info:
             train_cifar.main(["--resume", out, "--epochs", "3", flag, *values])
         message = str(exit_info.value.code)
-        saved = " ".join(map(str, config[key])) if isinstance(config[key], list) else str(config[key])
+        saved = (" ".join(map(str, config[key])) if isinstance(config[key], list)
+                 else str(config[key]))
         assert message.startswith("error:") and "\n" not in message, key
         given = " ".join(values) or "True"  # a switch such as --fixed-groups
         assert f"{flag} {given} (the run has {saved})" in message and "--out" in message, key
         assert file_bytes(out) == before, key
-    same = train_cifar.main(["--resume", out, "--epochs", "3", "--batch-size", "128"])  # the run's own value
+    same = train_cifar.main(["--resume", out, "--epochs", "3",
+                             "--batch-size", "128"])  # the run's own value
     assert same["status"] == "done" and [row["epoch"] for row in read_log(out)] == [1, 2, 3]
 
 
@@ -241,15 +255,17 @@ def test_resume_with_new_cadence_rewrites_config_and_notes_schedule(tmp_path, ca
     schedule flag, and more epochs that move the lr drops, say so."""
     out = run(tmp_path, "c", "--epochs", "1", "--probe-epochs", "0", "--drop-at", "1")["out"]
     capsys.readouterr()
-    result = train_cifar.main(["--resume", out, "--epochs", "2", "--eval-every", "2", "--check-every", "3",
-                               "--drop-factor", "0.5"])
+    result = train_cifar.main(["--resume", out, "--epochs", "2", "--eval-every", "2",
+                               "--check-every", "3", "--drop-factor", "0.5"])
     assert result["status"] == "done"
     err = capsys.readouterr().err
     assert "the lr drops (--drop-at 1 epochs before the end of 2) move from epochs none to 1" in err
     assert "--drop-factor 0.5 (the run had 0.2) applies from the checkpoint on" in err
     config = json.loads((pathlib.Path(out) / "config.json").read_text())
-    assert (config["epochs"], config["eval_every"], config["check_every"], config["drop_factor"]) == (2, 2, 3, 0.5)
-    assert read_log(out)[1]["lr"] == pytest.approx(3e-3 * 0.5 * 8 / 500)  # epoch 2's last step: dropped once, warming up
+    assert (config["epochs"], config["eval_every"], config["check_every"],
+            config["drop_factor"]) == (2, 2, 3, 0.5)
+    # epoch 2's last step: dropped once, warming up
+    assert read_log(out)[1]["lr"] == pytest.approx(3e-3 * 0.5 * 8 / 500)
 
 
 def test_damaged_last_checkpoint_falls_back_to_previous(tmp_path, capsys):
@@ -263,21 +279,25 @@ def test_damaged_last_checkpoint_falls_back_to_previous(tmp_path, capsys):
     capsys.readouterr()
     resumed = train_cifar.main(["--resume", str(out), "--epochs", "2"])
     err = capsys.readouterr().err
-    assert f"{out / 'ckpt.pt'} is damaged" in err and f"resuming from {out / 'ckpt-prev.pt'} at step 4" in err
+    assert (f"{out / 'ckpt.pt'} is damaged" in err
+            and f"resuming from {out / 'ckpt-prev.pt'} at step 4" in err)
     assert resumed["status"] == "done" and [row["epoch"] for row in read_log(out)] == [1, 2]
     a, b = first["model"].state_dict(), resumed["model"].state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert torch.load(out / "ckpt-prev.pt", weights_only=True)["state"]["step"] == 4  # the good one stays
+    # the good one stays
+    assert torch.load(out / "ckpt-prev.pt", weights_only=True)["state"]["step"] == 4
     os.remove(out / "ckpt.pt")  # as a kill between a save's two renames leaves it
     capsys.readouterr()
     assert train_cifar.main(["--resume", str(out), "--epochs", "2"])["status"] == "done"
-    assert f"{out / 'ckpt.pt'} is missing; resuming from {out / 'ckpt-prev.pt'} at step 4" in capsys.readouterr().err
+    assert (f"{out / 'ckpt.pt'} is missing; resuming from {out / 'ckpt-prev.pt'} at step 4"
+            in capsys.readouterr().err)
     for name in ("ckpt.pt", "ckpt-prev.pt"):
         (out / name).write_bytes(b"not a checkpoint")
     with pytest.raises(SystemExit) as exit_info:
         train_cifar.main(["--resume", str(out), "--epochs", "3"])
     message = str(exit_info.value.code)
-    assert message.startswith("error:") and "\n" not in message and "ckpt-prev.pt is damaged" in message
+    assert (message.startswith("error:") and "\n" not in message
+            and "ckpt-prev.pt is damaged" in message)
 
 
 @pytest.mark.parametrize("damage", ["missing key", "wrong shape"])
@@ -308,7 +328,8 @@ def test_checkpoint_of_another_format_is_refused_by_name(tmp_path, old_format):
     out = pathlib.Path(run(tmp_path, "f", "--epochs", "1", "--probe-epochs", "0")["out"])
     ck = torch.load(out / "ckpt.pt", weights_only=True)
     old = {key: value for key, value in ck.items() if key not in ("format", "world")}
-    old.update({"gens": [[torch.zeros(8, dtype=torch.uint8)]]}, **({"format": old_format} if old_format else {}))
+    old.update({"gens": [[torch.zeros(8, dtype=torch.uint8)]]},
+               **({"format": old_format} if old_format else {}))
     torch.save(old, out / "ckpt.pt")
     with pytest.raises(SystemExit) as exit_info:
         train_cifar.main(["--resume", str(out), "--epochs", "2"])
@@ -317,17 +338,19 @@ def test_checkpoint_of_another_format_is_refused_by_name(tmp_path, old_format):
 
 
 def test_sigkill_then_resume_logs_every_epoch_once(tmp_path):
-    """A run killed with SIGKILL (no handler runs) and resumed logs every epoch exactly once and ends
-    as an uninterrupted run: the log is rewritten from the checkpoint, and epochs logged after it
-    are logged again."""
+    """A run killed with SIGKILL (no handler runs) and resumed logs every epoch exactly once and
+    ends as an uninterrupted run: the log is rewritten from the checkpoint, and epochs logged after
+    it are logged again."""
     out = tmp_path / "kill"
-    command = [sys.executable, "train_cifar.py", "--dataset", "fake", "--limit", "512", *TINY, "--probe-epochs", "0",
-               "--epochs", "1000", "--save-every", "2", "--eval-every", "100", "--threads", "1", "--out", str(out)]
-    process = subprocess.Popen(command, cwd=os.path.dirname(os.path.abspath(__file__)), stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE, text=True)
+    command = [sys.executable, "train_cifar.py", "--dataset", "fake", "--limit", "512", *TINY,
+               "--probe-epochs", "0", "--epochs", "1000", "--save-every", "2",
+               "--eval-every", "100", "--threads", "1", "--out", str(out)]
+    process = subprocess.Popen(command, cwd=os.path.dirname(os.path.abspath(__file__)),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
     while process.poll() is None and time.monotonic() < deadline and not (
-            (out / "log.jsonl").exists() and len((out / "log.jsonl").read_text().splitlines()) >= 3):
+            (out / "log.jsonl").exists()
+            and len((out / "log.jsonl").read_text().splitlines()) >= 3):
         time.sleep(0.05)
     process.kill()
     process.communicate(timeout=60)
@@ -336,7 +359,8 @@ def test_sigkill_then_resume_logs_every_epoch_once(tmp_path):
     resumed = train_cifar.main(["--resume", str(out), "--epochs", epochs])
     assert resumed["status"] == "done"
     assert [row["epoch"] for row in read_log(out)] == list(range(1, logged + 2))
-    straight = run(tmp_path, "straight", "--probe-epochs", "0", "--eval-every", "100", "--epochs", epochs)
+    straight = run(tmp_path, "straight", "--probe-epochs", "0", "--eval-every", "100",
+                   "--epochs", epochs)
     assert_same_run(straight, resumed)
 
 
@@ -344,13 +368,15 @@ def test_resume_of_finished_run_says_how_to_continue(tmp_path, capsys):
     """--resume on a finished run trains nothing, leaves its files as they were, and says at which
     epoch it finished and that --epochs N continues it."""
     first = run(tmp_path, "x", "--epochs", "1", "--probe-epochs", "0")
-    before = {name: os.path.getmtime(os.path.join(first["out"], name)) for name in os.listdir(first["out"])}
+    before = {name: os.path.getmtime(os.path.join(first["out"], name))
+              for name in os.listdir(first["out"])}
     capsys.readouterr()
     again = train_cifar.main(["--resume", first["out"]])
     assert again["status"] == "finished"
     err = capsys.readouterr().err
     assert "finished at epoch 1" in err and f"--resume {first['out']} --epochs N" in err
-    assert {name: os.path.getmtime(os.path.join(first["out"], name)) for name in os.listdir(first["out"])} == before
+    assert {name: os.path.getmtime(os.path.join(first["out"], name))
+            for name in os.listdir(first["out"])} == before
 
 
 def test_readme_figures_from_a_run(tmp_path, capsys):
@@ -364,8 +390,10 @@ def test_readme_figures_from_a_run(tmp_path, capsys):
     spec.loader.exec_module(figures)
     out = run(tmp_path, "fig", "--epochs", "2", "--probe-epochs", "0")["out"]
     (tmp_path / "unlogged").mkdir()
-    (tmp_path / "unlogged" / "config.json").write_text((pathlib.Path(out) / "config.json").read_text())
-    figures.main([str(tmp_path / "unlogged"), out])  # a directory with no log is skipped, with a word
+    (tmp_path / "unlogged" / "config.json").write_text(
+        (pathlib.Path(out) / "config.json").read_text())
+    # a directory with no log is skipped, with a word
+    figures.main([str(tmp_path / "unlogged"), out])
     assert f"skipped {tmp_path / 'unlogged'}: no log.jsonl" in capsys.readouterr().out
     for name in ("training.png", "spectrum.png"):
         with open(os.path.join(out, name), "rb") as f:
@@ -376,12 +404,13 @@ def test_sigterm_saves_like_ctrl_c(tmp_path):
     """A run stopped by SIGTERM (kill, a job scheduler) checkpoints where it is, says how to
     resume, exits 130, and resumes from there."""
     out = tmp_path / "term"
-    command = [sys.executable, "train_cifar.py", "--dataset", "fake", "--limit", "512", *TINY, "--epochs", "1000",
-               "--save-every", "1000", "--threads", "1", "--out", str(out)]
-    process = subprocess.Popen(command, cwd=os.path.dirname(os.path.abspath(__file__)), stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
+    command = [sys.executable, "train_cifar.py", "--dataset", "fake", "--limit", "512", *TINY,
+               "--epochs", "1000", "--save-every", "1000", "--threads", "1", "--out", str(out)]
+    process = subprocess.Popen(command, cwd=os.path.dirname(os.path.abspath(__file__)),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
-    while not (out / "log.jsonl").exists() and process.poll() is None and time.monotonic() < deadline:
+    while (not (out / "log.jsonl").exists() and process.poll() is None
+           and time.monotonic() < deadline):
         time.sleep(0.2)
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=120)
@@ -389,7 +418,8 @@ def test_sigterm_saves_like_ctrl_c(tmp_path):
     assert "continue with --resume" in stderr
     step = torch.load(out / "ckpt.pt", weights_only=True)["state"]["step"]
     assert step >= 4  # at least the first epoch of 4 steps, which wrote the log we waited for
-    result = train_cifar.main(["--resume", str(out), "--epochs", str(step // 4 + 1), "--probe-epochs", "0"])
+    result = train_cifar.main(["--resume", str(out), "--epochs", str(step // 4 + 1),
+                               "--probe-epochs", "0"])
     assert result["status"] == "done" and result["log"][-1]["epoch"] == step // 4 + 1
     straight = run(tmp_path, "straight", "--epochs", str(step // 4 + 1), "--probe-epochs", "0")
     assert_same_run(straight, result)
@@ -429,18 +459,22 @@ def assert_kept_epoch_1(out):
     assert not os.path.exists(os.path.join(out, "ckpt.pt.tmp"))
 
 
-@pytest.mark.parametrize("failure,check_every", [("nan", "1"), ("nan", "3"), ("nan", "50"), ("singular", "50")])
+@pytest.mark.parametrize("failure,check_every",
+                         [("nan", "1"), ("nan", "3"), ("nan", "50"), ("singular", "50")])
 def test_nonfinite_loss_stops_and_keeps_checkpoint(tmp_path, monkeypatch, failure, check_every):
     """A non-finite loss (NaN, or the loss refusing a singular covariance) at step 6, in epoch 2,
     stops the run within --check-every steps with a message that names the step and the likely
-    cause, and leaves epoch 1's checkpoint untouched: the weights updated from the NaN are never saved."""
+    cause, and leaves epoch 1's checkpoint untouched: the weights updated from the NaN are never
+    saved."""
     fail_at_step(monkeypatch, 6, failure)
     steps = count_calls(monkeypatch, train_cifar, "train_step")
     result = run(tmp_path, failure, "--epochs", "3", "--check-every", check_every)
     assert result["status"] == "nonfinite" and "rank-deficient whitening" in result["message"]
     assert "at step 6 (epoch 2)" in result["message"]
-    # steps 5-8 are epoch 2's (4 a epoch), its losses read at every multiple of --check-every and at its end
-    last_read = 6 if failure == "singular" else min(8, 4 + -(-2 // int(check_every)) * int(check_every))
+    # steps 5-8 are epoch 2's (4 a epoch), its losses read at every multiple of --check-every
+    # and at its end
+    last_read = (6 if failure == "singular"
+                 else min(8, 4 + -(-2 // int(check_every)) * int(check_every)))
     assert 6 <= steps[0] <= last_read  # a NaN's weights may be refused by the next step's loss
     assert_kept_epoch_1(result["out"])
 
@@ -467,15 +501,19 @@ def test_cifar_download_failure_is_one_message(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline_after_making_its_folder)
     with pytest.raises(SystemExit) as exit_info:
-        train_cifar.main(["--dataset", "cifar10", "--data-dir", str(tmp_path / "data"), "--out", str(tmp_path / "c")])
+        train_cifar.main(["--dataset", "cifar10", "--data-dir", str(tmp_path / "data"),
+                          "--out", str(tmp_path / "c")])
     message = str(exit_info.value.code)
     assert "cifar.html" in message and "python train_cifar.py --dataset fashion-mnist" in message
-    assert not (tmp_path / "c").exists() and not (tmp_path / "data").exists()  # no empty --data-dir left
+    # no empty --data-dir left
+    assert not (tmp_path / "c").exists() and not (tmp_path / "data").exists()
 
 
 @pytest.mark.parametrize("flags,says", [
-    (["--sub-batch", "48"], "sub-batches of 48"),                   # 48 does not divide the batch of 128
-    (["--method", "wmse", "--sub-batch", "32"], "--sub-batch > c"),  # BW of 32 samples cannot whiten 64 channels
+    # 48 does not divide the batch of 128
+    (["--sub-batch", "48"], "sub-batches of 48"),
+    # BW of 32 samples cannot whiten 64 channels
+    (["--method", "wmse", "--sub-batch", "32"], "--sub-batch > c"),
     (["--batch-size", "1024"], "less than one batch"),
 ])
 def test_failed_start_creates_no_run_directory(tmp_path, flags, says):
@@ -497,7 +535,8 @@ def test_failed_first_steps_leave_no_run_directory(tmp_path, monkeypatch):
 
 
 def test_new_run_never_writes_over_another(tmp_path):
-    """--out naming a directory that holds a run is refused, pointing at --resume; its files stay."""
+    """--out naming a directory that holds a run is refused, pointing at --resume; its files
+    stay."""
     out = run(tmp_path, "held", "--epochs", "1", "--probe-epochs", "0")["out"]
     before = file_bytes(out)
     with pytest.raises(SystemExit) as exit_info:
@@ -517,7 +556,9 @@ def bad_values(key):
     """(argv, the range the message must name) for values just outside a flag's range."""
     action = numeric_flags()[key]
     rule = action.type
-    values = [rule.low - 1] + ([rule.low] if rule.open_low else []) + ([rule.high + 0.5] if rule.high is not None else [])
+    values = ([rule.low - 1]
+              + ([rule.low] if rule.open_low else [])
+              + ([rule.high + 0.5] if rule.high is not None else []))
     count = 1 if action.nargs in (None, "*") else action.nargs
     return [([action.option_strings[0], *[str(v)] * count], rule.rule) for v in values]
 
@@ -525,10 +566,12 @@ def bad_values(key):
 BAD_FLAGS = [case for key in sorted(numeric_flags()) for case in bad_values(key)] + [
     (["--lr", "-0.1"], "greater than 0"), (["--gray-p", "-0.1"], "in [0, 1]"),
     (["--crop-scale", "1", "0.5"], "low end first"), (["--crop-ratio", "2", "1"], "low end first"),
-    (["--jitter", "0.4", "0.4", "0.4", "0.6"], "at most 0.5"), (["--device", "gpu"], "auto, cpu, cuda, cuda:N or mps"),
+    (["--jitter", "0.4", "0.4", "0.4", "0.6"], "at most 0.5"),
+    (["--device", "gpu"], "auto, cpu, cuda, cuda:N or mps"),
     (["--device", "cuda:99"], "cuda"), (["--device", "tpu"], "auto, cpu, cuda"),
     (["--epochs", "ten"], "invalid int"), (["--lr", "fast"], "invalid float"),
-    (["--dataset", "mnist"], "invalid choice"), (["--batch-size", "64", "--sub-batch", "48"], "sub-batches of 48")]
+    (["--dataset", "mnist"], "invalid choice"),
+    (["--batch-size", "64", "--sub-batch", "48"], "sub-batches of 48")]
 if not torch.cuda.is_available():
     BAD_FLAGS.append((["--device", "cuda"], "no such CUDA device"))
 
@@ -545,7 +588,8 @@ def test_every_numeric_flag_has_a_range():
 @pytest.mark.parametrize("flags,says", BAD_FLAGS, ids=[" ".join(flags) for flags, _ in BAD_FLAGS])
 def test_bad_flag_is_one_error_line(tmp_path, flags, says):
     """Every flag value out of its range exits with one "error:" line that names the flag and what
-    is valid (the range, the order, the devices), never a traceback, before any run directory exists."""
+    is valid (the range, the order, the devices), never a traceback, before any run directory
+    exists."""
     with pytest.raises(SystemExit) as exit_info:
         run(tmp_path, "bad", "--epochs", "1", *flags)
     message = str(exit_info.value.code)
@@ -560,7 +604,8 @@ def test_fashion_mnist_brings_the_cpu_recipe_and_help_shows_defaults(capsys):
     args = train_cifar.resolve_config(["--dataset", "fashion-mnist"])
     recipe = (args.arch, args.pool, args.crop_scale, args.epochs, args.drop_at, args.eval_every)
     assert recipe == ("convnet", 3, [0.5, 1.0], 30, [3, 1], 5)
-    assert train_cifar.resolve_config(["--dataset", "fashion-mnist", "--arch", "resnet18"]).arch == "resnet18"
+    assert train_cifar.resolve_config(
+        ["--dataset", "fashion-mnist", "--arch", "resnet18"]).arch == "resnet18"
     assert train_cifar.resolve_config(["--method", "wmse"]).emb == 64
     with pytest.raises(SystemExit):
         train_cifar.build_parser().parse_args(["--help"])
@@ -585,7 +630,8 @@ def test_start_says_what_runs_and_config_names_the_code(tmp_path, capsys):
     result = run(tmp_path, "start", "--epochs", "1", "--probe-epochs", "0")
     out = capsys.readouterr().out
     assert "command: python train_cifar.py --dataset fake" in out and "data: random images" in out
-    assert "device: cpu" in out and "differs from the CIFAR recipe: --dataset fake --limit 512" in out
+    assert ("device: cpu" in out
+            and "differs from the CIFAR recipe: --dataset fake --limit 512" in out)
     assert "srank/d: the embedding's stable rank over its width" in out
     config = json.loads((pathlib.Path(result["out"]) / "config.json").read_text())
     assert config["torch"] == torch.__version__ and config["data_path"] == "random images"
@@ -604,9 +650,10 @@ def test_data_dir_without_fashion_mnist_is_an_error(tmp_path):
     """An explicit --data-dir that does not hold Fashion-MNIST is an error naming it, not a silent
     fall back to the system copy; no run directory is made."""
     with pytest.raises(SystemExit) as exit_info:
-        train_cifar.main(["--dataset", "fashion-mnist", "--data-dir", str(tmp_path / "nowhere"), *TINY,
-                          "--out", str(tmp_path / "f")])
-    assert f"--data-dir {tmp_path / 'nowhere'} does not hold Fashion-MNIST" in str(exit_info.value.code)
+        train_cifar.main(["--dataset", "fashion-mnist", "--data-dir", str(tmp_path / "nowhere"),
+                          *TINY, "--out", str(tmp_path / "f")])
+    assert (f"--data-dir {tmp_path / 'nowhere'} does not hold Fashion-MNIST"
+            in str(exit_info.value.code))
     assert not (tmp_path / "f").exists()
 
 
@@ -642,15 +689,18 @@ def test_omp_wait_policy_is_passive_unless_set():
     code = "import os, train_cifar; print(os.environ['OMP_WAIT_POLICY'])"
     here = os.path.dirname(os.path.abspath(__file__))
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    unset = subprocess.run([sys.executable, "-c", code], cwd=here, env=env, capture_output=True, text=True)
-    chosen = subprocess.run([sys.executable, "-c", code], cwd=here, env={**env, "OMP_WAIT_POLICY": "ACTIVE"},
+    unset = subprocess.run([sys.executable, "-c", code], cwd=here, env=env,
+                           capture_output=True, text=True)
+    chosen = subprocess.run([sys.executable, "-c", code], cwd=here,
+                            env={**env, "OMP_WAIT_POLICY": "ACTIVE"},
                             capture_output=True, text=True)
     assert (unset.stdout.strip(), chosen.stdout.strip()) == ("PASSIVE", "ACTIVE")
 
 
 def views_of(x, args, gen, views=1):
     """All views of a batch in one call, as the training step makes them."""
-    return train_cifar.augment(x.repeat(views, 1, 1, 1), train_cifar.augmentation_noise(views * len(x), gen), args)
+    return train_cifar.augment(x.repeat(views, 1, 1, 1),
+                               train_cifar.augmentation_noise(views * len(x), gen), args)
 
 
 @pytest.mark.parametrize("channels,size", [(3, 32), (1, 28)])
@@ -668,8 +718,8 @@ def test_augment_views(channels, size):
 def test_augment_identity_and_flip_are_pixel_exact():
     """With the crop fixed to the whole image and no jitter, a view is the image itself, or its
     mirror with flip_p=1: the affine warp samples pixel centres exactly."""
-    args = train_cifar.resolve_config(["--crop-scale", "1", "1", "--crop-ratio", "1", "1", "--jitter-p", "0",
-                                       "--gray-p", "0", "--flip-p", "0"])
+    args = train_cifar.resolve_config(["--crop-scale", "1", "1", "--crop-ratio", "1", "1",
+                                       "--jitter-p", "0", "--gray-p", "0", "--flip-p", "0"])
     x = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
     gen = torch.Generator().manual_seed(0)
     torch.testing.assert_close(views_of(x, args, gen), x.float() / 255, atol=1e-6, rtol=0)
@@ -678,14 +728,16 @@ def test_augment_identity_and_flip_are_pixel_exact():
 
 
 def test_knn_votes():
-    """5-NN is a majority vote of Euclidean neighbours; the cosine kNN weights votes by exp(cos/T)."""
+    """5-NN is a majority vote of Euclidean neighbours; the cosine kNN weights votes by
+    exp(cos/T)."""
     bank = torch.tensor([[0.0, 1], [0, 2], [0, 3], [10, 0], [11, 0], [12, 0]])
     labels = torch.tensor([0, 0, 0, 1, 1, 1])
     query, query_labels = torch.tensor([[0.0, 2.5], [10.5, 0.1]]), torch.tensor([0, 1])
     assert train_cifar.knn_top1(bank, labels, query, query_labels, 5, "euclidean") == 1.0
     assert train_cifar.knn_top1(bank, labels, query, query_labels, 6, "cosine", 0.1) == 1.0
     # Euclidean 3-NN of (0, 2.5) is all class 0; flipping the bank's labels makes it wrong.
-    assert train_cifar.knn_top1(bank, 1 - labels, query[:1], query_labels[:1], 3, "euclidean") == 0.0
+    assert train_cifar.knn_top1(bank, 1 - labels, query[:1], query_labels[:1],
+                                3, "euclidean") == 0.0
 
 
 @pytest.mark.parametrize("method", ["wmse", "cwrgp"])
@@ -695,13 +747,16 @@ def test_logged_spectra(method):
     orthogonal rows of squared norm c−1, so after centring its channels it has b−1 eigenvalues
     (c−1)/(b−1) and the rest 0."""
     b, d = 32, 16 if method == "wmse" else 48
-    args = train_cifar.resolve_config(["--method", method, "--groups", "1", "--sub-batch", str(b), "--emb", str(d)])
+    args = train_cifar.resolve_config(["--method", method, "--groups", "1",
+                                       "--sub-batch", str(b), "--emb", str(d)])
     z = torch.randn(b, d, generator=torch.Generator().manual_seed(0)) @ torch.randn(d, d)
     logged = train_cifar.spectra(z, args)
     reference = torch.linalg.eigvalsh(torch.cov(z.double().T)).flip(0)
-    torch.testing.assert_close(torch.tensor(logged["embedding_spectrum"]).double(), reference, rtol=1e-3, atol=1e-9)
+    torch.testing.assert_close(torch.tensor(logged["embedding_spectrum"]).double(), reference,
+                               rtol=1e-3, atol=1e-9)
     white = torch.tensor(logged["whitened_spectrum"]).double()
-    expected = torch.ones(d) if method == "wmse" else torch.cat([torch.full((b - 1,), (d - 1) / (b - 1)), torch.zeros(d - b + 1)])
+    expected = (torch.ones(d) if method == "wmse"
+                else torch.cat([torch.full((b - 1,), (d - 1) / (b - 1)), torch.zeros(d - b + 1)]))
     torch.testing.assert_close(white, expected.double(), rtol=1e-3, atol=1e-9)
     plain = train_cifar.spectra(z, train_cifar.resolve_config(["--method", "plain"]))
     assert plain["whitened_spectrum"] is None
@@ -712,14 +767,18 @@ def test_fixed_groups_whiten_consecutive_channels_without_a_permutation():
     is then each sub-batch whitened in groups of consecutive channels (channel_whiten with no
     permutation), rows normalised, 2 - 2cos averaged; a random partition gives another loss."""
     flags = ["--groups", "4", "--sub-batch", "32", "--batch-size", "64", "--emb", "256"]
-    fixed, random = train_cifar.resolve_config([*flags, "--fixed-groups"]), train_cifar.resolve_config(flags)
+    fixed, random = (train_cifar.resolve_config([*flags, "--fixed-groups"]),
+                     train_cifar.resolve_config(flags))
     samples, channels = train_cifar.draw_partition(64, fixed, torch.Generator().manual_seed(0))
     assert torch.equal(channels, torch.arange(256).expand_as(channels))
-    assert sorted(samples[0].tolist()) == list(range(64)) and not torch.equal(samples[0], torch.arange(64))
-    z1, z2 = torch.randn(2, 64, 256, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    assert (sorted(samples[0].tolist()) == list(range(64))
+            and not torch.equal(samples[0], torch.arange(64)))
+    z1, z2 = torch.randn(2, 64, 256, generator=torch.Generator().manual_seed(1),
+                         dtype=torch.float64)
     terms = []
     for part in samples[0].split(32):
-        white1, white2 = (F.normalize(cwrgp.channel_whiten(z[part], groups=4), dim=1) for z in (z1, z2))
+        white1, white2 = (F.normalize(cwrgp.channel_whiten(z[part], groups=4), dim=1)
+                          for z in (z1, z2))
         terms.append((white1 - white2).pow(2).sum(1))
     reference = torch.cat(terms).mean()
     loss = train_cifar.compute_loss([z1, z2], fixed, (samples, channels))
@@ -742,9 +801,10 @@ def test_lr_schedule():
 
 @pytest.mark.parametrize("method", ["cwrgp", "wmse"])
 def test_step_compiles_to_one_graph(method):
-    """The step's forward (augmentation, encoder, projector, loss), given its drawn randomness, is one
-    graph for torch.compile: no graph breaks, so nothing in it waits for the host."""
-    args = train_cifar.resolve_config(["--dataset", "fake", "--out", "unused", "--method", method, *TINY])
+    """The step's forward (augmentation, encoder, projector, loss), given its drawn randomness, is
+    one graph for torch.compile: no graph breaks, so nothing in it waits for the host."""
+    args = train_cifar.resolve_config(["--dataset", "fake", "--out", "unused",
+                                       "--method", method, *TINY])
     model, _, _, images, _, _ = train_cifar.build(args, 1, torch.device("cpu"))
     x, gen = images[:args.batch_size], torch.Generator().manual_seed(0)
     noise = train_cifar.augmentation_noise(args.views * len(x), gen)
@@ -771,7 +831,8 @@ def test_compile_trains_as_eager(tmp_path):
     eager = run(tmp_path, "eager", *flags)
     compiled = run(tmp_path, "compiled", *flags, "--compile", "--compile-backend", "aot_eager")
     assert compiled["status"] == "done"
-    assert read_log(compiled["out"])[0]["loss"] == pytest.approx(read_log(eager["out"])[0]["loss"], rel=1e-5)
+    assert read_log(compiled["out"])[0]["loss"] == pytest.approx(
+        read_log(eager["out"])[0]["loss"], rel=1e-5)
     before, a, b = start.state_dict(), eager["model"].state_dict(), compiled["model"].state_dict()
     parameters = {name for name, _ in start.named_parameters()}
     for key in a:
@@ -780,14 +841,15 @@ def test_compile_trains_as_eager(tmp_path):
         assert (b[key] - a[key]).abs().max() <= 1e-3 * moved, key  # buffers that never move: equal
 
 
-@pytest.mark.skipif(not os.path.isdir(FASHION_DIR), reason=f"{FASHION_DIR} absent (Debian package dataset-fashion-mnist)")
+@pytest.mark.skipif(not os.path.isdir(FASHION_DIR),
+                    reason=f"{FASHION_DIR} absent (Debian package dataset-fashion-mnist)")
 def test_training_learns_on_fashion_mnist(tmp_path):
     """Three short epochs on 2048 real images with no warm-up: the loss falls every epoch, and the
     5-NN of the trained encoder beats the same encoder untrained by more than 5 points (about 4
     standard errors of a 2048-image accuracy); measured: 0.646 untrained, 0.722 trained."""
-    flags = ["--dataset", "fashion-mnist", "--limit", "2048", "--width", "16", "--batch-size", "128",
-             "--warmup", "0", "--epochs", "3", "--eval-every", "1", "--probe-epochs", "0", "--drop-at",
-             "--pool", "1", "--out", str(tmp_path / "learn")]
+    flags = ["--dataset", "fashion-mnist", "--limit", "2048", "--width", "16",
+             "--batch-size", "128", "--warmup", "0", "--epochs", "3", "--eval-every", "1",
+             "--probe-epochs", "0", "--drop-at", "--pool", "1", "--out", str(tmp_path / "learn")]
     model, (bank_x, bank_y, test_x, test_y) = untrained_model(flags)
     encoder = model["encoder"]
     untrained = train_cifar.knn_top1(train_cifar.features(encoder, bank_x), bank_y,
@@ -802,19 +864,24 @@ def test_bench_step_table_runs_on_cpu():
     """bench.py's training-step table, the CUDA benchmark's code, runs the trainer's own step for
     every row eager, one row compiled, and the encoder alone, at a small shape on the CPU."""
     import bench
-    rows = bench.step_table("cpu", bench.SMALL, backend="aot_eager", repeats=1, compiled_rows=["CW-RGP 2"])
+    rows = bench.step_table("cpu", bench.SMALL, backend="aot_eager", repeats=1,
+                            compiled_rows=["CW-RGP 2"])
     expected = [(name, "eager") for name in bench.STEP_ROWS] + [("CW-RGP 2", "compiled")]
-    assert [(name, mode) for name, mode, _, _ in rows] == expected + [("encoder fwd+bwd alone", "eager")]
+    assert [(name, mode) for name, mode, _, _ in rows] == expected + [
+        ("encoder fwd+bwd alone", "eager")]
     assert all(ms > 0 and images_per_s > 0 for _, _, ms, images_per_s in rows)
 
 
 # Runs train_cifar.main in each torchrun process and saves that process's parameters beside the log.
+# A backslash at a line's end joins the next line to it (the string drops both), so that next line
+# starts in column 0: no spaces are added to the code.
 RANK_RUNNER = """
 import os, sys, torch
 sys.path.insert(0, {repo!r})
 import bookkeeping, train_cifar
 rank, batches, partitions, saves = os.environ["RANK"], [], [], []
-real_step, real_draw, real_write = train_cifar.train_step, train_cifar.draw_partition, bookkeeping.write_atomically
+real_step, real_draw, real_write = \
+train_cifar.train_step, train_cifar.draw_partition, bookkeeping.write_atomically
 def recording_step(forward, model, opt, x, *rest):
     batches.append(x.clone())
     return real_step(forward, model, opt, x, *rest)
@@ -831,17 +898,19 @@ if result["status"] == "done":
     params = {{name: p.detach() for name, p in result["model"].named_parameters()}}
     torch.save(params, os.path.join(result["out"], "params-rank" + rank + ".pt"))
     seen = list(zip(batches[:2], partitions[1:3]))  # partition 0 is the start's check of the shapes
-    torch.save({{"seen": seen, "saves": saves}}, os.path.join(result["out"], "seen-rank" + rank + ".pt"))
+    torch.save({{"seen": seen, "saves": saves}}, \
+os.path.join(result["out"], "seen-rank" + rank + ".pt"))
 """
 
 
 def torchrun(tmp_path, *argv, wait=True):
     runner = tmp_path / "rank_runner.py"
     runner.write_text(RANK_RUNNER.format(repo=os.path.dirname(os.path.abspath(__file__))))
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(runner),
-               *argv]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc_per_node", "2", str(runner), *argv]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, env=env)
     if wait:
         process.stderr_text = process.communicate(timeout=120)[1]
     return process
@@ -849,8 +918,8 @@ def torchrun(tmp_path, *argv, wait=True):
 
 def two_process_run(tmp_path, name, *extra, wait=True):
     out = tmp_path / name
-    process = torchrun(tmp_path, "--dataset", "fake", "--limit", "512", "--device", "cpu", *TINY, "--probe-epochs", "0",
-                       "--out", str(out), *extra, wait=wait)
+    process = torchrun(tmp_path, "--dataset", "fake", "--limit", "512", "--device", "cpu", *TINY,
+                       "--probe-epochs", "0", "--out", str(out), *extra, wait=wait)
     return out, process
 
 
@@ -867,7 +936,8 @@ def test_two_processes_train_one_model(tmp_path):
     zero, one = params_of(out, 0), params_of(out, 1)
     assert zero.keys() == one.keys() and all(torch.equal(zero[k], one[k]) for k in zero)
     seen = [torch.load(out / f"seen-rank{rank}.pt", weights_only=True) for rank in (0, 1)]
-    for (x0, (samples0, channels0)), (x1, (samples1, channels1)) in zip(seen[0]["seen"], seen[1]["seen"]):
+    for (x0, (samples0, channels0)), (x1, (samples1, channels1)) in zip(
+            seen[0]["seen"], seen[1]["seen"]):
         assert len(x0) == len(x1) == 64  # each takes half of the batch of 128
         flat0, flat1 = x0.flatten(1), x1.flatten(1)
         assert not (flat0[:, None] == flat1[None]).all(-1).any()  # no image in both shares
@@ -878,10 +948,11 @@ def test_two_processes_train_one_model(tmp_path):
 def test_two_processes_resume_after_sigterm(tmp_path):
     """A 2-process run stopped by SIGTERM to torchrun saves once, and --resume under torchrun ends
     with exactly the parameters of an uninterrupted 2-process run."""
-    out, process = two_process_run(tmp_path, "term", "--epochs", "1000", "--save-every", "1000", "--check-every", "1",
-                                   wait=False)
+    out, process = two_process_run(tmp_path, "term", "--epochs", "1000", "--save-every", "1000",
+                                   "--check-every", "1", wait=False)
     deadline = time.monotonic() + 120
-    while not (out / "log.jsonl").exists() and process.poll() is None and time.monotonic() < deadline:
+    while (not (out / "log.jsonl").exists() and process.poll() is None
+           and time.monotonic() < deadline):
         time.sleep(0.2)
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=120)
@@ -898,7 +969,8 @@ def test_two_processes_resume_after_sigterm(tmp_path):
 
 @pytest.mark.parametrize("flags,says", [
     (["--batch-size", "127"], "divisible by 2"),
-    (["--sub-batch", "128"], "--sub-batch must divide 64"),  # each of 2 processes whitens 64 of the 128 images
+    # each of 2 processes whitens 64 of the 128 images
+    (["--sub-batch", "128"], "--sub-batch must divide 64"),
 ])
 def test_split_that_cannot_be_whitened_is_refused(flags, says):
     """A global batch / sub-batch / process count that cannot be split is refused before training,
@@ -916,7 +988,8 @@ STL10_CLASSES = 10
 
 
 def smooth_images(n, side, gen):
-    """Blocky random uint8 images, so that the resize and the augmentations have structure to keep."""
+    """Blocky random uint8 images, so that the resize and the augmentations have structure to
+    keep."""
     cells = torch.randint(0, 256, (n, 3, side // 8, side // 8), generator=gen, dtype=torch.uint8)
     return cells.repeat_interleave(8, 2).repeat_interleave(8, 3)
 
@@ -948,10 +1021,12 @@ def test_stl10_loader_reads_the_binary_files(tmp_path, monkeypatch):
     assert pretrain.dtype == torch.uint8 and pretrain.shape == (128, 3, 96, 96)
     assert torch.equal(pretrain, torch.cat([written["train"][0], written["unlabeled"][0]]))
     assert torch.equal(bank_y, written["train"][1]) and torch.equal(test_y, written["test"][1])
-    assert bank_x.shape == (32, 3, 64, 64) and test_x.shape == (16, 3, 64, 64) and bank_x.dtype == torch.uint8
+    assert (bank_x.shape == (32, 3, 64, 64) and test_x.shape == (16, 3, 64, 64)
+            and bank_x.dtype == torch.uint8)
     assert torch.equal(bank_x, train_cifar.stl10_eval_images(written["train"][0]))
     assert torch.equal(test_x, train_cifar.stl10_eval_images(written["test"][0]))
-    args = train_cifar.resolve_config(["--dataset", "stl10", "--data-dir", str(tmp_path), "--limit", "40"])
+    args = train_cifar.resolve_config(["--dataset", "stl10", "--data-dir", str(tmp_path),
+                                       "--limit", "40"])
     limited, splits, _ = train_cifar.load_data(args, torch.device("cpu"))
     assert [len(t) for t in [limited, *splits]] == [40, 32, 32, 16, 16]
     assert torch.equal(limited, pretrain[:40])
@@ -975,22 +1050,26 @@ def test_stl10_eval_images_match_pil_resize_and_centre_crop():
     assert diff.float().mean() < 0.5 and (diff > 1).float().mean() < 0.02
 
 
-TINY_WNIDS = ["n03", "n01", "n04", "n02"]  # not in sorted order: labels follow the sorted folder names
-TINY_COLOURS = {"n01": (200, 40, 40), "n02": (40, 200, 40), "n03": (40, 40, 200), "n04": (200, 200, 40)}
+# not in sorted order: labels follow the sorted folder names
+TINY_WNIDS = ["n03", "n01", "n04", "n02"]
+TINY_COLOURS = {"n01": (200, 40, 40), "n02": (40, 200, 40), "n03": (40, 40, 200),
+                "n04": (200, 200, 40)}
 
 
 def write_tiny_imagenet(data_dir, per_class=16, n_val=16):
-    """data_dir/tiny-imagenet-200/ as the archive unpacks: train/<wnid>/images/<wnid>_<k>.JPEG beside
-    <wnid>_boxes.txt, val/images/val_<k>.JPEG and val/val_annotations.txt (file, wnid, box), wnids.txt.
-    Each image is its class's colour under a blocky texture of mean zero, so a loaded label can be
-    checked against the pixels; one train image of n01 is a grayscale JPEG, as some of the real ones are."""
+    """data_dir/tiny-imagenet-200/ as the archive unpacks: train/<wnid>/images/<wnid>_<k>.JPEG
+    beside <wnid>_boxes.txt, val/images/val_<k>.JPEG and val/val_annotations.txt (file, wnid, box),
+    wnids.txt. Each image is its class's colour under a blocky texture of mean zero, so a loaded
+    label can be checked against the pixels; one train image of n01 is a grayscale JPEG, as some of
+    the real ones are."""
     from PIL import Image
 
     root, gen = data_dir / "tiny-imagenet-200", torch.Generator().manual_seed(0)
 
     def image_of(wnid):
         texture = smooth_images(1, 64, gen)[0].float() / 255 * 60 - 30
-        pixels = (torch.tensor(TINY_COLOURS[wnid]).view(3, 1, 1) + texture).round().clamp(0, 255).to(torch.uint8)
+        pixels = ((torch.tensor(TINY_COLOURS[wnid]).view(3, 1, 1) + texture)
+                  .round().clamp(0, 255).to(torch.uint8))
         return Image.fromarray(pixels.permute(1, 2, 0).numpy())
 
     for wnid in TINY_WNIDS:
@@ -1010,7 +1089,8 @@ def write_tiny_imagenet(data_dir, per_class=16, n_val=16):
 
 
 def label_from_colour(images):
-    """Each image's class, read from its mean colour: the index of the nearest class colour in sorted wnid order."""
+    """Each image's class, read from its mean colour: the index of the nearest class colour in
+    sorted wnid order."""
     colours = torch.tensor([TINY_COLOURS[wnid] for wnid in sorted(TINY_WNIDS)]).float()
     return torch.cdist(images.float().mean((2, 3)), colours).argmin(1)
 
@@ -1021,13 +1101,16 @@ def test_tiny_imagenet_loader_labels_train_folders_and_val_annotations(tmp_path)
     in turn, so --limit 8 still spans all four classes."""
     write_tiny_imagenet(tmp_path)
     train_x, train_y, val_x, val_y = train_cifar.load_tiny_imagenet(str(tmp_path))
-    assert train_x.shape == (64, 3, 64, 64) and val_x.shape == (16, 3, 64, 64) and train_x.dtype == torch.uint8
-    gray = (train_x[:, 0] == train_x[:, 1]).all((1, 2)) & (train_x[:, 1] == train_x[:, 2]).all((1, 2))
+    assert (train_x.shape == (64, 3, 64, 64) and val_x.shape == (16, 3, 64, 64)
+            and train_x.dtype == torch.uint8)
+    gray = ((train_x[:, 0] == train_x[:, 1]).all((1, 2))
+            & (train_x[:, 1] == train_x[:, 2]).all((1, 2)))
     assert gray.sum() == 1 and train_y[gray].item() == sorted(TINY_WNIDS).index("n01")
     assert torch.equal(train_y[~gray], label_from_colour(train_x[~gray]))
     assert torch.equal(val_y, label_from_colour(val_x))
     assert torch.equal(torch.bincount(train_y), torch.full((4,), 16))
-    assert sorted(train_cifar.load_tiny_imagenet(str(tmp_path), limit=8)[1].tolist()) == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert sorted(train_cifar.load_tiny_imagenet(str(tmp_path), limit=8)[1].tolist()) == [
+        0, 0, 1, 1, 2, 2, 3, 3]
 
 
 def training_view_shapes(monkeypatch):
@@ -1043,7 +1126,8 @@ def training_view_shapes(monkeypatch):
     return shapes
 
 
-SMALL_RUN = ["--arch", "convnet", "--width", "16", "--batch-size", "64", "--epochs", "1", "--probe-epochs", "3"]
+SMALL_RUN = ["--arch", "convnet", "--width", "16", "--batch-size", "64", "--epochs", "1",
+             "--probe-epochs", "3"]
 
 
 @pytest.mark.parametrize("dataset", ["stl10", "tiny-imagenet"])
@@ -1051,19 +1135,27 @@ def test_stl10_and_tiny_imagenet_train_one_epoch(tmp_path, monkeypatch, dataset)
     """A 1-epoch run on each dataset's files trains on 64x64 views (STL-10's cut from its 96x96
     images), normalises with the released constants, and evaluates on its labelled splits."""
     (write_stl10 if dataset == "stl10" else write_tiny_imagenet)(tmp_path / "data")
-    monkeypatch.setattr(torchvision.datasets.STL10, "_check_integrity", lambda self: True)  # the real files' md5
+    # the real files' md5
+    monkeypatch.setattr(torchvision.datasets.STL10, "_check_integrity", lambda self: True)
     shapes = training_view_shapes(monkeypatch)
-    result = train_cifar.main(["--dataset", dataset, "--data-dir", str(tmp_path / "data"), *SMALL_RUN,
-                               "--out", str(tmp_path / "run")])
+    result = train_cifar.main(["--dataset", dataset, "--data-dir", str(tmp_path / "data"),
+                               *SMALL_RUN, "--out", str(tmp_path / "run")])
     assert result["status"] == "done"
-    assert shapes == [(128, 3, 64, 64)] * (2 if dataset == "stl10" else 1)  # 128 (STL-10) or 64 images, 2 views
+    # 128 (STL-10) or 64 images, 2 views
+    assert shapes == [(128, 3, 64, 64)] * (2 if dataset == "stl10" else 1)
     normalize = result["model"]["encoder"][0]
-    assert torch.equal(normalize.mean.flatten(), torch.tensor(train_cifar.DATASETS[dataset]["mean"]))
+    assert torch.equal(normalize.mean.flatten(),
+                       torch.tensor(train_cifar.DATASETS[dataset]["mean"]))
     row = read_log(result["out"])[0]
-    assert math.isfinite(row["loss"]) and 0 <= row["knn5_top1"] <= 1 and 0 <= row["linear_top1"] <= 1
+    assert (math.isfinite(row["loss"]) and 0 <= row["knn5_top1"] <= 1
+            and 0 <= row["linear_top1"] <= 1)
 
 
-@pytest.mark.parametrize("dataset,side,maxpool", [("cifar10", 32, False), ("stl10", 64, True), ("tiny-imagenet", 64, True)])
+@pytest.mark.parametrize("dataset,side,maxpool", [
+    ("cifar10", 32, False),
+    ("stl10", 64, True),
+    ("tiny-imagenet", 64, True),
+])
 def test_resnet18_stem_reaches_layer4_at_4x4(dataset, side, maxpool):
     """ResNet-18's stem as the released code builds it: a 3x3 stride-1 conv for every dataset, the
     max-pool dropped for CIFAR's 32x32 images and kept for 64x64 ones, so layer4 sees 4x4 maps."""
@@ -1073,7 +1165,8 @@ def test_resnet18_stem_reaches_layer4_at_4x4(dataset, side, maxpool):
     assert backbone.conv1.kernel_size == (3, 3) and backbone.conv1.stride == (1, 1)
     assert isinstance(backbone.maxpool, torch.nn.MaxPool2d) == maxpool
     seen = []
-    backbone.layer4.register_forward_hook(lambda module, inputs, output: seen.append(output.shape[-2:]))
+    backbone.layer4.register_forward_hook(
+        lambda module, inputs, output: seen.append(output.shape[-2:]))
     model.eval()
     assert model["encoder"](torch.rand(2, 3, side, side)).shape == (2, 512)
     assert seen == [(4, 4)]
@@ -1095,9 +1188,11 @@ def test_missing_stl10_or_tiny_imagenet_is_one_message(tmp_path, monkeypatch):
         raise urllib.error.URLError("no network")
 
     monkeypatch.setattr(torchvision.datasets, "STL10", offline)
-    for dataset, says in (("stl10", "stl10_binary.tar.gz"), ("tiny-imagenet", "tiny-imagenet-200.zip")):
+    for dataset, says in (("stl10", "stl10_binary.tar.gz"),
+                          ("tiny-imagenet", "tiny-imagenet-200.zip")):
         with pytest.raises(SystemExit) as exit_info:
-            train_cifar.main(["--dataset", dataset, "--data-dir", str(tmp_path), "--out", str(tmp_path / "run")])
+            train_cifar.main(["--dataset", dataset, "--data-dir", str(tmp_path),
+                              "--out", str(tmp_path / "run")])
         message = str(exit_info.value.code)
         assert message.startswith("error:") and says in message and str(tmp_path) in message
         assert "\n" not in message
@@ -1111,9 +1206,9 @@ def test_missing_stl10_or_tiny_imagenet_is_one_message(tmp_path, monkeypatch):
 # implementation would fail it with a probability below about 1e-3 over seeds: 4 standard errors
 # for means and shares (a two-sided normal tail of 6e-5), and the two-sample Kolmogorov-Smirnov
 # distance at alpha = 1e-3 for distributions. Where the trainer departs from the released pipeline
-# on purpose (bilinear rather than bicubic resampling, continuous rather than whole-pixel crop boxes,
-# the YIQ hue rotation), the allowance added is the departure's size as measured with 6000 images
-# by docs/augmentation.py (docs/results.md), rounded up.
+# on purpose (bilinear rather than bicubic resampling, continuous rather than whole-pixel crop
+# boxes, the YIQ hue rotation), the allowance added is the departure's size as measured with 6000
+# images by docs/augmentation.py (docs/results.md), rounded up.
 
 def recipe(*flags):
     return train_cifar.resolve_config(list(flags))
@@ -1124,14 +1219,18 @@ def noise_for(n, seed):
 
 
 def colour_images(n, side, seed):
-    """Smooth random colour fields (bilinear from 4x4) with some pixel noise, uint8 (n, 3, side, side)."""
+    """Smooth random colour fields (bilinear from 4x4) with some pixel noise, uint8
+    (n, 3, side, side)."""
     gen = torch.Generator().manual_seed(seed)
-    x = F.interpolate(torch.rand(n, 3, 4, 4, generator=gen), size=(side, side), mode="bilinear", align_corners=False)
-    return ((x + 0.08 * torch.randn(n, 3, side, side, generator=gen)).clamp(0, 1) * 255).round().to(torch.uint8)
+    x = F.interpolate(torch.rand(n, 3, 4, 4, generator=gen), size=(side, side), mode="bilinear",
+                      align_corners=False)
+    return (((x + 0.08 * torch.randn(n, 3, side, side, generator=gen)).clamp(0, 1) * 255)
+            .round().to(torch.uint8))
 
 
 def ks_limit(n, m, alpha=1e-3):
-    """The two-sample Kolmogorov-Smirnov distance that samples of one distribution exceed with probability alpha."""
+    """The two-sample Kolmogorov-Smirnov distance that samples of one distribution exceed with
+    probability alpha."""
     return math.sqrt(-math.log(alpha / 2) / 2) * math.sqrt((n + m) / (n * m))
 
 
@@ -1146,15 +1245,17 @@ def within_binomial(share, p, n):
 
 
 def crop_boxes(ramps_x, ramps_y, views_x, views_y):
-    """(width, height, left offset, flipped) of each view's crop box, in fractions of the image, read
-    off views of images whose value rises by 2 per column (ramps_x) or row (ramps_y): bilinear
+    """(width, height, left offset, flipped) of each view's crop box, in fractions of the image,
+    read off views of images whose value rises by 2 per column (ramps_x) or row (ramps_y): bilinear
     sampling reproduces a linear ramp exactly, so a view's first and last columns give the first
     and last points sampled, and the box is that span plus half a view pixel on each side."""
     side, view = ramps_x.shape[-1], views_x.shape[-1]
-    at = lambda v: v * 255 / 2 + 0.5  # ramp value -> sampled position in input pixels (pixel i's centre is i + 0.5)
+    # ramp value -> sampled position in input pixels (pixel i's centre is i + 0.5)
+    at = lambda v: v * 255 / 2 + 0.5
     first_x, last_x = at(views_x[:, 0].mean(1)[:, 0]), at(views_x[:, 0].mean(1)[:, -1])
     first_y, last_y = at(views_y[:, 0].mean(2)[:, 0]), at(views_y[:, 0].mean(2)[:, -1])
-    width, height = (last_x - first_x).abs() * view / (view - 1), (last_y - first_y) * view / (view - 1)
+    width, height = ((last_x - first_x).abs() * view / (view - 1),
+                     (last_y - first_y) * view / (view - 1))
     left = torch.minimum(first_x, last_x) - width / (2 * view)
     return width / side, height / side, left / (side - width).clamp(min=1e-9), last_x < first_x
 
@@ -1170,18 +1271,20 @@ def test_augment_crop_boxes_and_flips_follow_torchvision():
     ramp = (2 * torch.arange(side)).to(torch.uint8).expand(side, side)
     ramps_x, ramps_y = ramp.expand(n, 1, side, side), ramp.T.expand(n, 1, side, side)
     noise = noise_for(n, 0)
-    width, height, offset, flipped = crop_boxes(ramps_x, ramps_y, train_cifar.augment(ramps_x, noise, args),
+    width, height, offset, flipped = crop_boxes(ramps_x, ramps_y,
+                                                train_cifar.augment(ramps_x, noise, args),
                                                 train_cifar.augment(ramps_y, noise, args))
     torch.manual_seed(0)
     image = torch.empty(1, 1024, 1024)
-    boxes = torch.tensor([v2.RandomResizedCrop.get_params(image, args.crop_scale, args.crop_ratio) for _ in range(n)])
+    boxes = torch.tensor([v2.RandomResizedCrop.get_params(image, args.crop_scale, args.crop_ratio)
+                          for _ in range(n)])
     _, left, box_h, box_w = (boxes.double() / 1024).unbind(1)
     limit = ks_limit(n, n)
     assert ks_distance((width * height).double(), box_w * box_h) < limit
     assert ks_distance((width / height).log().double(), (box_w / box_h).log()) < limit
     narrower, ref_narrower = width < 0.999, box_w < 0.999  # a full-width box has no room to move
-    assert ks_distance(offset[narrower].double(), left[ref_narrower] / (1 - box_w[ref_narrower])) < ks_limit(
-        narrower.sum().item(), ref_narrower.sum().item())
+    assert (ks_distance(offset[narrower].double(), left[ref_narrower] / (1 - box_w[ref_narrower]))
+            < ks_limit(narrower.sum().item(), ref_narrower.sum().item()))
     assert within_binomial(flipped.double().mean().item(), args.flip_p, n)
 
 
@@ -1195,11 +1298,14 @@ def test_augment_shares_of_jittered_and_grayscale_views():
     views = train_cifar.augment(x, noise, args)
     plain = train_cifar.augment(x, noise, recipe("--jitter-p", "0", "--gray-p", "0"))
     grayscale = ((views[:, 0] == views[:, 1]) & (views[:, 1] == views[:, 2])).all(2).all(1)
-    jittered = (train_cifar.augment(x, noise, recipe("--gray-p", "0")) - plain).abs().amax((1, 2, 3)) > 1e-6
+    jittered = (train_cifar.augment(x, noise, recipe("--gray-p", "0"))
+                - plain).abs().amax((1, 2, 3)) > 1e-6
     assert within_binomial(jittered.double().mean().item(), args.jitter_p, n)
     assert within_binomial(grayscale.double().mean().item(), args.gray_p, n)
-    assert within_binomial(grayscale[jittered].double().mean().item(), args.gray_p, jittered.sum().item())
-    assert within_binomial(grayscale[~jittered].double().mean().item(), args.gray_p, (~jittered).sum().item())
+    assert within_binomial(grayscale[jittered].double().mean().item(), args.gray_p,
+                           jittered.sum().item())
+    assert within_binomial(grayscale[~jittered].double().mean().item(), args.gray_p,
+                           (~jittered).sum().item())
 
 
 def luma(v):
@@ -1208,24 +1314,29 @@ def luma(v):
 
 def view_statistics(views, images):
     """Per view, against its image (both float in [0, 1], of one size): the change of the mean and
-    of the std, the mean |view - image|, and the change of colourfulness (mean |pixel - its luma|)."""
+    of the std, the mean |view - image|, and the change of colourfulness
+    (mean |pixel - its luma|)."""
     colour = lambda v: (v - luma(v).unsqueeze(1)).abs().mean((1, 2, 3))
-    return {"mean": views.mean((1, 2, 3)) - images.mean((1, 2, 3)), "std": views.std((1, 2, 3)) - images.std((1, 2, 3)),
-            "change": (views - images).abs().mean((1, 2, 3)), "colour": colour(views) - colour(images)}
+    return {"mean": views.mean((1, 2, 3)) - images.mean((1, 2, 3)),
+            "std": views.std((1, 2, 3)) - images.std((1, 2, 3)),
+            "change": (views - images).abs().mean((1, 2, 3)),
+            "colour": colour(views) - colour(images)}
 
 
 def assert_statistics_agree(ours, reference, images, allowance):
-    """Each statistic's mean over the views agrees between the two pipelines within 4 standard errors
-    of the paired difference (one view of each image from each), plus the allowance for that
-    statistic (absolute, on the [0, 1] scale)."""
+    """Each statistic's mean over the views agrees between the two pipelines within 4 standard
+    errors of the paired difference (one view of each image from each), plus the allowance for
+    that statistic (absolute, on the [0, 1] scale)."""
     a, b = view_statistics(ours, images), view_statistics(reference, images)
     for name in a:
         difference = a[name] - b[name]
         bound = 4 * difference.std().item() / math.sqrt(len(difference)) + allowance.get(name, 0.0)
-        assert abs(difference.mean().item()) <= bound, (name, a[name].mean().item(), b[name].mean().item(), bound)
+        assert abs(difference.mean().item()) <= bound, (
+            name, a[name].mean().item(), b[name].mean().item(), bound)
 
 
-COLOUR_PARTS = {"brightness": [0.4, 0, 0, 0], "contrast": [0, 0.4, 0, 0], "saturation": [0, 0, 0.4, 0], "hue": [0, 0, 0, 0.1]}
+COLOUR_PARTS = {"brightness": [0.4, 0, 0, 0], "contrast": [0, 0.4, 0, 0],
+                "saturation": [0, 0, 0.4, 0], "hue": [0, 0, 0, 0.1]}
 
 
 @pytest.mark.parametrize("part", COLOUR_PARTS)
@@ -1238,8 +1349,8 @@ def test_augment_colour_jitter_parts_match_torchvision(part):
     moves pixels about 30% further (0.050 vs 0.039 mean |view - image| with 6000 images), so the
     change has an allowance of 40% of torchvision's."""
     strengths = COLOUR_PARTS[part]
-    args = recipe("--crop-scale", "1", "1", "--crop-ratio", "1", "1", "--flip-p", "0", "--gray-p", "0",
-                  "--jitter-p", "1", "--jitter", *map(str, strengths))
+    args = recipe("--crop-scale", "1", "1", "--crop-ratio", "1", "1", "--flip-p", "0",
+                  "--gray-p", "0", "--jitter-p", "1", "--jitter", *map(str, strengths))
     x = colour_images(1500, 32, 2)
     images = x.float() / 255
     ours = train_cifar.augment(x, noise_for(len(x), 3), args)
@@ -1256,24 +1367,30 @@ def released_pipeline(args, side):
     """The released augmentation (CW-RGP's base/datasets/transforms.py, after W-MSE's), in v2 and on
     float images: colour jitter with probability jitter_p, grayscale, RandomResizedCrop with bicubic
     resampling, flip; then clamped to [0, 1], as the released code's PIL images are."""
-    return v2.Compose([v2.RandomApply([v2.ColorJitter(*args.jitter)], p=args.jitter_p), v2.RandomGrayscale(args.gray_p),
+    return v2.Compose([v2.RandomApply([v2.ColorJitter(*args.jitter)], p=args.jitter_p),
+                       v2.RandomGrayscale(args.gray_p),
                        v2.RandomResizedCrop(side, scale=args.crop_scale, ratio=args.crop_ratio,
-                                            interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+                                            interpolation=v2.InterpolationMode.BICUBIC,
+                                            antialias=True),
                        v2.RandomHorizontalFlip(args.flip_p), lambda view: view.clamp(0, 1)])
 
 
 def recipe_views(x, args, seed):
-    """(the trainer's views, the released pipeline's views, the images), one view of each image, float."""
+    """(the trainer's views, the released pipeline's views, the images), one view of each image,
+    float."""
     images = x.float() / 255
     torch.manual_seed(seed)
     pipeline = released_pipeline(args, x.shape[-1])
-    return train_cifar.augment(x, noise_for(len(x), seed), args), torch.stack([pipeline(image) for image in images]), images
+    return (train_cifar.augment(x, noise_for(len(x), seed), args),
+            torch.stack([pipeline(image) for image in images]),
+            images)
 
 
-# The trainer's departures in the full recipe, measured with 6000 images (docs/results.md), rounded up:
-# bilinear resampling leaves the views' std up to 0.013 below bicubic's (Fashion-MNIST's sharp edges; 0.005 on
-# the smooth colour images), and torchvision's whole-pixel boxes on 28-pixel images leave Fashion-MNIST views'
-# mean up to 0.012 below the continuous boxes' (the gap closes on the images upsampled 10x).
+# The trainer's departures in the full recipe, measured with 6000 images (docs/results.md),
+# rounded up: bilinear resampling leaves the views' std up to 0.013 below bicubic's
+# (Fashion-MNIST's sharp edges; 0.005 on the smooth colour images), and torchvision's whole-pixel
+# boxes on 28-pixel images leave Fashion-MNIST views' mean up to 0.012 below the continuous boxes'
+# (the gap closes on the images upsampled 10x).
 RECIPE_ALLOWANCE = {"mean": 0.015, "std": 0.015, "change": 0.005, "colour": 0.005}
 
 
