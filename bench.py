@@ -12,8 +12,10 @@ projector, loss, backward, Adam) on CIFAR-shaped fake data with the recipe's Res
 256, eager and under --compile, for no whitening, W-MSE and CW-RGP with 2 and 4 views; the
 encoder's forward + backward alone is the ceiling the step can approach.
 
-    python bench.py                  # the loss table (CPU, and CUDA when present), then the step table on CUDA
-    python bench.py --steps-on cpu   # only the step table, on the CPU at a small shape: checks its code, measures nothing of record
+    python bench.py                  # the loss table (CPU, and CUDA when present), then the step
+                                       table on CUDA
+    python bench.py --steps-on cpu   # only the step table, on the CPU at a small shape: checks its
+                                       code, measures nothing of record
 """
 
 import argparse
@@ -27,8 +29,10 @@ import train_cifar
 from cwrgp import random_group_partition, whitening_loss
 
 SHAPES = {  # name: (views, batch, dim, loss arguments)
-    "CW-RGP 4 (CIFAR recipe)": (4, 256, 512, dict(axis="channel", method="zca", groups=4, sub_batch=64)),
-    "CW-RGP 2 (CIFAR recipe)": (2, 256, 512, dict(axis="channel", method="zca", groups=4, sub_batch=64)),
+    "CW-RGP 4 (CIFAR recipe)": (4, 256, 512,
+                                dict(axis="channel", method="zca", groups=4, sub_batch=64)),
+    "CW-RGP 2 (CIFAR recipe)": (2, 256, 512,
+                                dict(axis="channel", method="zca", groups=4, sub_batch=64)),
     "W-MSE 2": (2, 256, 64, dict(axis="batch", method="cholesky", groups=1, sub_batch=128)),
 }
 
@@ -90,7 +94,8 @@ def looped_loss(whiten, views, samples, channels, axis, method, groups, sub_batc
 
 
 def timed(fn, device, repeats, warmup=1):
-    for _ in range(warmup):  # first calls: allocation, cuDNN autotuning, compilation, CUDA-graph recording
+    # first calls: allocation, cuDNN autotuning, compilation, CUDA-graph recording
+    for _ in range(warmup):
         fn()
     if device == "cuda":
         torch.cuda.synchronize()
@@ -109,13 +114,15 @@ STEP_ROWS = {  # name: train_cifar.py flags
     "CW-RGP 4": ["--method", "cwrgp", "--views", "4"],
 }
 RECIPE = ["--arch", "resnet18", "--batch-size", "256"]
-SMALL = ["--arch", "convnet", "--width", "8", "--hidden", "64", "--batch-size", "128"]  # --steps-on cpu
+# --steps-on cpu
+SMALL = ["--arch", "convnet", "--width", "8", "--hidden", "64", "--batch-size", "128"]
 
 
 def trainer_run(device, shape, flags):
     """A train_cifar.py run built as for training (model, optimiser, compiled step) on fake
     CIFAR-shaped data, without its directory; one batch of its images and a generator."""
-    args = train_cifar.resolve_config(["--dataset", "fake", "--device", device, "--out", "unused", *shape, *flags])
+    args = train_cifar.resolve_config(
+        ["--dataset", "fake", "--device", device, "--out", "unused", *shape, *flags])
     model, _, opt, images, _, _ = train_cifar.build(args, 1, torch.device(device))
     gen = torch.Generator(device).manual_seed(0)
     return args, model, opt, images[:args.batch_size], gen
@@ -128,9 +135,11 @@ def step_timer(device, shape, flags):
 
 
 def encoder_timer(device, shape):
-    """The encoder's forward + backward on the views of a 2-view step, called per view as the step does."""
+    """The encoder's forward + backward on the views of a 2-view step, called per view as the step
+    does."""
     args, model, _, x, gen = trainer_run(device, shape, [])
-    views = train_cifar.augment(x.repeat(2, 1, 1, 1), train_cifar.augmentation_noise(2 * len(x), gen), args)
+    views = train_cifar.augment(x.repeat(2, 1, 1, 1),
+                                train_cifar.augmentation_noise(2 * len(x), gen), args)
     if device == "cuda":
         views = views.contiguous(memory_format=torch.channels_last)
     encoder = model["encoder"]
@@ -142,12 +151,14 @@ def encoder_timer(device, shape):
     return step
 
 
-def step_table(device, shape=RECIPE, backend="inductor", repeats=20, compiled_rows=tuple(STEP_ROWS)):
+def step_table(device, shape=RECIPE, backend="inductor", repeats=20,
+               compiled_rows=tuple(STEP_ROWS)):
     """ms per training step and source images/s, eager for every row and compiled for compiled_rows,
     printed as measured; returns the rows as (name, mode, ms, images/s)."""
     batch = int(shape[shape.index("--batch-size") + 1])
     print(f"training step on {device}: {' '.join(shape)}, fake CIFAR-shaped data"
-          f"{', bf16 autocast' if device == 'cuda' else ''}; compiled: torch.compile backend {backend}")
+          f"{', bf16 autocast' if device == 'cuda' else ''}; "
+          f"compiled: torch.compile backend {backend}")
     print(f"{'step':<26}{'mode':>9}{'ms/step':>10}{'images/s':>10}")
     rows = []
     jobs = [(name, "eager", flags) for name, flags in STEP_ROWS.items()]
@@ -158,7 +169,8 @@ def step_table(device, shape=RECIPE, backend="inductor", repeats=20, compiled_ro
         else:
             compiled = ["--compile", "--compile-backend", backend] if mode == "compiled" else []
             fn = step_timer(device, shape, flags + compiled)
-        # CUDA graphs are recorded on the third call or so; before that a compiled step runs as warm-up.
+        # CUDA graphs are recorded on the third call or so; before that a compiled step runs as
+        # warm-up.
         ms = timed(fn, device, repeats, warmup=5 if mode == "compiled" and device == "cuda" else 1)
         rows.append((name, mode, ms, batch / ms * 1e3))
         print(f"{name:<26}{mode:>9}{ms:>10.2f}{batch / ms * 1e3:>10.0f}", flush=True)
@@ -168,7 +180,8 @@ def step_table(device, shape=RECIPE, backend="inductor", repeats=20, compiled_ro
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
     parser.add_argument("--steps-on", choices=["cpu", "cuda"],
-                        help="only the training-step table, on this device (cpu: a small convnet, 2 steps, CW-RGP 2 alone compiled, with aot_eager)")
+                        help="only the training-step table, on this device (cpu: a small "
+                             "convnet, 2 steps, CW-RGP 2 alone compiled, with aot_eager)")
     options = parser.parse_args(argv)
     if options.steps_on == "cpu":
         step_table("cpu", SMALL, backend="aot_eager", repeats=2, compiled_rows=["CW-RGP 2"])
@@ -184,7 +197,8 @@ def main(argv=None):
 def loss_table():
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
-          f"{torch.get_num_threads()} threads" + (f", {torch.cuda.get_device_name()}" if "cuda" in devices else ""))
+          f"{torch.get_num_threads()} threads"
+          + (f", {torch.cuda.get_device_name()}" if "cuda" in devices else ""))
     print(f"{'shape':<26}{'device':>7}{'batched ms':>12}{'loop ms':>10}{'speed-up':>10}"
           f"{'released ms':>13}{'speed-up':>10}{'|Δloss|':>10}")
     for device in devices:
@@ -193,23 +207,26 @@ def loss_table():
             seed = 0
 
             def batched():
-                loss = whitening_loss(*views, generator=torch.Generator(device).manual_seed(seed), **kw)
+                loss = whitening_loss(*views, generator=torch.Generator(device).manual_seed(seed),
+                                      **kw)
                 loss.backward()
                 return loss
 
             def baseline(whiten):
                 def run():
                     samples, channels = random_group_partition(
-                        V, b, d, kw["groups"], kw["sub_batch"], 1, torch.Generator(device).manual_seed(seed), device)
-                    loss = looped_loss(whiten, views, samples, channels, kw["axis"], kw["method"], kw["groups"],
-                                       kw["sub_batch"])
+                        V, b, d, kw["groups"], kw["sub_batch"], 1,
+                        torch.Generator(device).manual_seed(seed), device)
+                    loss = looped_loss(whiten, views, samples, channels, kw["axis"], kw["method"],
+                                       kw["groups"], kw["sub_batch"])
                     loss.backward()
                     return loss
                 return run
 
             looped, released = baseline(per_group_whiten), baseline(released_style_whiten)
             reference = batched()
-            difference = max((reference - looped()).abs().item(), (reference - released()).abs().item())
+            difference = max((reference - looped()).abs().item(),
+                             (reference - released()).abs().item())
             repeats = 20 if device == "cuda" else 5
             fast, slow, old = (timed(fn, device, repeats) for fn in (batched, looped, released))
             print(f"{name:<26}{device:>7}{fast:>12.2f}{slow:>10.2f}{slow / fast:>9.1f}x"

@@ -69,11 +69,14 @@ def test_line_links_point_at_the_definitions_they_name():
     assert len(links) >= 20, "the paper-to-code map lost its line links"
     stale = stale_links()
     report = [
-        f"{page.relative_to(ROOT)}:{number}: {name} is written as {target.relative_to(ROOT)}#L{line}, "
+        f"{page.relative_to(ROOT)}:{number}: {name} is written as "
+        f"{target.relative_to(ROOT)}#L{line}, "
         + (f"now defined at line {now}" if now else "but no such definition exists")
         for page, number, name, target, line, now in stale
     ]
-    assert not stale, "stale line links (run `python test_docs.py --update` to fix moved ones):\n" + "\n".join(report)
+    assert not stale, (
+        "stale line links (run `python test_docs.py --update` to fix moved ones):\n"
+        + "\n".join(report))
 
 
 def update():
@@ -81,14 +84,16 @@ def update():
     fixes = {}
     for page, number, name, target, line, now in stale_links():
         if now is None:
-            print(f"{page.relative_to(ROOT)}:{number}: {name} not found in {target.relative_to(ROOT)}: fix by hand")
+            print(f"{page.relative_to(ROOT)}:{number}: {name} not found in "
+                  f"{target.relative_to(ROOT)}: fix by hand")
         else:
             fixes.setdefault(page, {})[(number, name)] = now
     for page, moved in fixes.items():
         lines = page.read_text().split("\n")
         for (number, name), now in moved.items():
             lines[number - 1] = re.sub(
-                rf"(\[`{re.escape(name)}`\]\([\w./-]+\.py#L)\d+\)", rf"\g<1>{now})", lines[number - 1])
+                rf"(\[`{re.escape(name)}`\]\([\w./-]+\.py#L)\d+\)", rf"\g<1>{now})",
+                lines[number - 1])
         page.write_text("\n".join(lines))
         print(f"{page.relative_to(ROOT)}: {len(moved)} line links updated")
 
@@ -97,9 +102,11 @@ def test_every_test_the_docs_name_exists():
     tests = set()
     for path in ROOT.glob("test_*.py"):
         tests |= {name for name in definitions(path) if name.startswith("test_")}
-    named = [(page, name) for page in PAGES for name in re.findall(r"`(test_\w+)`", page.read_text())]
+    named = [(page, name) for page in PAGES
+             for name in re.findall(r"`(test_\w+)`", page.read_text())]
     assert named
-    missing = sorted({f"{page.relative_to(ROOT)}: {name}" for page, name in named if name not in tests})
+    missing = sorted({f"{page.relative_to(ROOT)}: {name}"
+                      for page, name in named if name not in tests})
     assert not missing, "docs name tests that do not exist:\n" + "\n".join(missing)
 
 
@@ -107,9 +114,12 @@ def test_readme_snippet_runs_and_prints_what_it_computes(capsys):
     blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
     snippet = next(block for block in blocks if "cw_rgp_loss" in block)
     torch.manual_seed(0)
-    # Stand-ins for the reader's network: any encoder, a 512-d projector for CW-RGP and a 64-d one for W-MSE.
-    encoder = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 256), torch.nn.ReLU())
-    names = {"encoder": encoder, "projector": torch.nn.Linear(256, 512), "projector_64": torch.nn.Linear(256, 64),
+    # Stand-ins for the reader's network: any encoder, a 512-d projector for CW-RGP and a 64-d one
+    # for W-MSE.
+    encoder = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 256),
+                                  torch.nn.ReLU())
+    names = {"encoder": encoder, "projector": torch.nn.Linear(256, 512),
+             "projector_64": torch.nn.Linear(256, 64),
              "view1": torch.rand(256, 3, 8, 8), "view2": torch.rand(256, 3, 8, 8)}
     exec(compile(snippet, "README.md", "exec"), names)
     printed = capsys.readouterr().out
@@ -153,7 +163,8 @@ def trainer_commands():
                 if assignment:
                     variables[assignment[1]] = assignment[2]
                 yield from commands_in(page, line, variables)
-        for span in re.findall(r"`([^`]*python train_cifar\.py[^`]*)`", re.sub(r"```.*?```", "", text, flags=re.S)):
+        for span in re.findall(r"`([^`]*python train_cifar\.py[^`]*)`",
+                               re.sub(r"```.*?```", "", text, flags=re.S)):
             yield from commands_in(page, span.replace("\n", " "), {})
 
 
@@ -189,8 +200,30 @@ def test_readme_and_results_stay_short():
         assert lines <= most, f"{name} has {lines} lines; at most {most}"
 
 
+def python_files():
+    """The repository's tracked .py files (git ls-files), or its *.py and docs/*.py without git."""
+    import subprocess
+
+    try:
+        listed = subprocess.run(["git", "ls-files", "*.py"], cwd=ROOT, capture_output=True,
+                                text=True, check=True).stdout.splitlines()
+    except (OSError, subprocess.CalledProcessError):
+        listed = []
+    return ([ROOT / name for name in listed if (ROOT / name).exists()]
+            or [*sorted(ROOT.glob("*.py")), *sorted((ROOT / "docs").glob("*.py"))])
+
+
+def test_every_python_line_fits_in_100_columns():
+    long = [f"{path.relative_to(ROOT)}:{number}: {len(line)} characters"
+            for path in python_files()
+            for number, line in enumerate(path.read_text(encoding="utf-8").split("\n"), 1)
+            if len(line) > 100]
+    assert not long, "lines over 100 columns:\n" + "\n".join(long)
+
+
 def test_training_page_commands_are_checked():
-    """docs/training.md's commands are among those test_trainer_commands_in_the_docs_parse parses."""
+    """docs/training.md's commands are among those test_trainer_commands_in_the_docs_parse
+    parses."""
     page = ROOT / "docs" / "training.md"
     assert sum(1 for where, _ in trainer_commands() if where == page) >= 5
 
@@ -222,21 +255,25 @@ def load_figures():
 
 def test_figure_redraws_are_byte_identical(tmp_path):
     figures = load_figures()
-    runs = [figures.load_run(figures.LOGS / f"spectrum-{m}.jsonl", figures.LOGS / f"spectrum-{m}.config.json", m)
+    runs = [figures.load_run(figures.LOGS / f"spectrum-{m}.jsonl",
+                             figures.LOGS / f"spectrum-{m}.config.json", m)
             for m in ("wmse", "cwrgp")]
     for attempt in ("a", "b"):
         figures.training_figure(runs, tmp_path / f"training-{attempt}.png", "t")
         figures.spectrum_figure(runs, tmp_path / f"spectrum-{attempt}.png", "t")
         figures.whitening_figure(tmp_path / f"whitening-{attempt}.png")
     for name in ("training", "spectrum", "whitening"):
-        assert (tmp_path / f"{name}-a.png").read_bytes() == (tmp_path / f"{name}-b.png").read_bytes(), name
+        assert ((tmp_path / f"{name}-a.png").read_bytes()
+                == (tmp_path / f"{name}-b.png").read_bytes()), name
 
 
 def test_figure_legends_tell_runs_of_one_config_apart():
     figures = load_figures()
-    same = [figures.load_run(figures.LOGS / "fmnist-cwrgp.jsonl", figures.LOGS / "fmnist-cwrgp.config.json", name)
+    same = [figures.load_run(figures.LOGS / "fmnist-cwrgp.jsonl",
+                             figures.LOGS / "fmnist-cwrgp.config.json", name)
             for name in ("runs/a", "runs/b")]
-    other = figures.load_run(figures.LOGS / "fmnist-wmse.jsonl", figures.LOGS / "fmnist-wmse.config.json", "runs/c")
+    other = figures.load_run(figures.LOGS / "fmnist-wmse.jsonl",
+                             figures.LOGS / "fmnist-wmse.config.json", "runs/c")
     labels = figures.labels([*same, other])
     assert labels[:2] == ["runs/a", "runs/b"]
     assert labels[2].startswith("W-MSE")
@@ -287,7 +324,8 @@ def test_figures_stable_rank_axis_is_linear_over_a_small_range():
 def brute_force_knn(bank, bank_y, query, query_y, k):
     """k-NN majority vote by explicit distances (ties to the lowest class)."""
     nearest = torch.cdist(query.double(), bank.double()).topk(k, dim=1, largest=False).indices
-    votes = torch.stack([torch.bincount(row, minlength=int(bank_y.max()) + 1) for row in bank_y[nearest]])
+    votes = torch.stack([torch.bincount(row, minlength=int(bank_y.max()) + 1)
+                         for row in bank_y[nearest]])
     return (votes.argmax(1) == query_y).double().mean().item()
 
 
@@ -300,27 +338,33 @@ def test_representations_measures_pixels_and_a_run_as_the_trainer_does(tmp_path)
     import torch.nn.functional as F
 
     out = tmp_path / "run"
-    log = train_cifar.main(["--dataset", "fake", "--limit", "384", "--arch", "convnet", "--width", "16", "--batch-size",
-                            "128", "--epochs", "1", "--probe-epochs", "0", "--out", str(out)])["log"]
-    spec = importlib.util.spec_from_file_location("representations", ROOT / "docs" / "representations.py")
+    log = train_cifar.main(["--dataset", "fake", "--limit", "384", "--arch", "convnet",
+                            "--width", "16", "--batch-size", "128", "--epochs", "1",
+                            "--probe-epochs", "0", "--out", str(out)])["log"]
+    spec = importlib.util.spec_from_file_location("representations",
+                                                  ROOT / "docs" / "representations.py")
     representations = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(representations)
-    rows = {name: (dim, s) for name, dim, s in representations.main([str(out), "--probe-epochs", "2"])}
+    rows = {name: (dim, s)
+            for name, dim, s in representations.main([str(out), "--probe-epochs", "2"])}
     assert list(rows) == ["raw pixels", "encoder", "embedding", "whitened"]
     assert [rows[n][0] for n in rows] == [3 * 32 * 32, 64, 512, 512]
     args = train_cifar.resolve_config(["--dataset", "fake", "--limit", "384"])
     _, (train_x, train_y, test_x, test_y), _ = train_cifar.load_data(args, torch.device("cpu"))
     px, qx = train_x.flatten(1).float() / 255, test_x.flatten(1).float() / 255
-    assert rows["raw pixels"][1]["knn5"] == pytest.approx(brute_force_knn(px, train_y, qx, test_y, 5), abs=1e-12)
+    assert rows["raw pixels"][1]["knn5"] == pytest.approx(
+        brute_force_knn(px, train_y, qx, test_y, 5), abs=1e-12)
     l2 = brute_force_knn(F.normalize(px, dim=1), train_y, F.normalize(qx, dim=1), test_y, 5)
     assert rows["raw pixels"][1]["knn5_l2"] == pytest.approx(l2, abs=1e-12)
     trainer = {"knn5": "knn5_top1", "knn5_l2": "knn5_l2_top1", "knn200": "knn_top1"}
-    assert {m: rows["encoder"][1][m] for m in trainer} == {m: log[-1][key] for m, key in trainer.items()}
+    assert ({m: rows["encoder"][1][m] for m in trainer}
+            == {m: log[-1][key] for m, key in trainer.items()})
     assert all(0 <= rows[n][1]["linear"] <= 1 for n in rows)
 
 
 def headings(page):
-    """The anchors GitHub gives a Markdown page's headings: lower case, punctuation dropped, spaces as hyphens."""
+    """The anchors GitHub gives a Markdown page's headings: lower case, punctuation dropped, spaces
+    as hyphens."""
     return {re.sub(r"[^\w\- ]", "", title.strip().lower()).replace(" ", "-")
             for title in re.findall(r"^#+ (.*)$", page.read_text(), re.M)}
 
@@ -330,13 +374,15 @@ def test_section_links_land_on_headings():
     missing = [f"{page.relative_to(ROOT)}: {target}#{anchor}"
                for page in PAGES
                for target, anchor in re.findall(r"\]\(([^)#\s]*)#([^)\s]+)\)", page.read_text())
-               if not target.endswith(".py") and anchor not in headings(page.parent / target if target else page)]
+               if not target.endswith(".py")
+               and anchor not in headings(page.parent / target if target else page)]
     assert not missing, "links to sections that do not exist:\n" + "\n".join(missing)
 
 
 def test_pip_install_gives_import_cwrgp_anywhere(tmp_path):
-    """pyproject.toml builds a wheel holding cwrgp.py alone, and installed, `import cwrgp` works outside
-    the repository (the README's `pip install .`). Built offline from a copy of the two files it needs."""
+    """pyproject.toml builds a wheel holding cwrgp.py alone, and installed, `import cwrgp` works
+    outside the repository (the README's `pip install .`). Built offline from a copy of the two
+    files it needs."""
     import subprocess
     import zipfile
 
@@ -345,11 +391,14 @@ def test_pip_install_gives_import_cwrgp_anywhere(tmp_path):
     for name in ("pyproject.toml", "cwrgp.py", "README.md"):
         (source / name).write_bytes((ROOT / name).read_bytes())
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
-    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", tmp_path / "dist", source], check=True)
+    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", tmp_path / "dist",
+                    source], check=True)
     (wheel,) = (tmp_path / "dist").glob("cwrgp-*.whl")
-    assert {name for name in zipfile.ZipFile(wheel).namelist() if ".dist-info/" not in name} == {"cwrgp.py"}
+    assert {name for name in zipfile.ZipFile(wheel).namelist()
+            if ".dist-info/" not in name} == {"cwrgp.py"}
     subprocess.run([*pip, "install", "--no-deps", "--target", tmp_path / "site", wheel], check=True)
-    printed = subprocess.run([sys.executable, "-c", "import cwrgp; print(cwrgp.__file__, cwrgp.CWRGPLoss())"],
+    printed = subprocess.run([sys.executable, "-c",
+                              "import cwrgp; print(cwrgp.__file__, cwrgp.CWRGPLoss())"],
                              cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(tmp_path / "site")},
                              capture_output=True, text=True, check=True).stdout
     assert printed.startswith(str(tmp_path / "site" / "cwrgp.py")) and "sub_batch=64" in printed

@@ -33,12 +33,13 @@ seeds = st.integers(0, 2**31 - 1)
 # Drawing valid problems
 
 @st.composite
-def problems(draw, axes=("batch", "channel"), methods=("zca", "cholesky", "pca"), max_groups=4, dtype=None,
-             margin=None):
+def problems(draw, axes=("batch", "channel"), methods=("zca", "cholesky", "pca"), max_groups=4,
+             dtype=None, margin=None):
     """(axis, method, b, groups, c, dtype). With margin 1 the square-ish blocks can have any
     condition number; margin 3 (rank 3× the size, the default for float32 and for finite
     differences) keeps cond(Σ) near 10: for a Gaussian block the chance of cond above 1e4 is then
-    about (10/1e4)^((k−n+1)/2) ≤ 1e-7, where float32's 1e-3 tolerance and gradcheck both still hold."""
+    about (10/1e4)^((k−n+1)/2) ≤ 1e-7, where float32's 1e-3 tolerance and gradcheck both still
+    hold."""
     axis = draw(st.sampled_from(axes))
     method = draw(st.sampled_from(methods))
     dtype = dtype or draw(st.sampled_from([torch.float64, torch.float32]))
@@ -58,7 +59,8 @@ def embedding(seed, b, d, dtype=torch.float64, requires_grad=False):
     """Gaussian rows with channel offsets and mild channel scales, so centring has work to do."""
     gen = torch.Generator().manual_seed(seed)
     z = torch.randn(b, d, generator=gen, dtype=torch.float64)
-    z = z * torch.exp(0.3 * torch.randn(d, generator=gen, dtype=torch.float64)) + torch.randn(d, generator=gen, dtype=torch.float64)
+    z = (z * torch.exp(0.3 * torch.randn(d, generator=gen, dtype=torch.float64))
+         + torch.randn(d, generator=gen, dtype=torch.float64))
     return z.to(dtype).requires_grad_(requires_grad)
 
 
@@ -106,7 +108,8 @@ def reference_loss(views, samples, channels, axis, groups, method, eps=0.0, norm
         whitened = [torch.empty(views[0].shape, dtype=torch.float64) for _ in views]
         for k, rows in enumerate(sub_batches):
             for v, z in enumerate(views):
-                whitened[v][rows] = reference_whiten(z[rows], axis, groups, method, eps, channels[i, v, k])
+                whitened[v][rows] = reference_whiten(z[rows], axis, groups, method, eps,
+                                                     channels[i, v, k])
         for v in range(len(views)):
             for w in range(v + 1, len(views)):
                 a, e = whitened[v], whitened[w]
@@ -147,7 +150,8 @@ def test_whitened_groups_have_identity_covariance(problem, seed, permute):
     inputs = centred_groups(z.double() if perm is None else z.double()[:, perm], axis, groups)
     cond = torch.linalg.cond(inputs).max().item() ** 2
     tol = max(TOL[dtype], 4 * cond * torch.finfo(dtype).eps)
-    torch.testing.assert_close(group_covariances(grouped_order, axis, groups), eye, rtol=0, atol=tol)
+    torch.testing.assert_close(group_covariances(grouped_order, axis, groups), eye, rtol=0,
+                               atol=tol)
 
 
 @settings(max_examples=150, deadline=None)
@@ -159,7 +163,8 @@ def test_whitening_matches_float64_reference(problem, seed, permute, eps):
     z = embedding(seed, b, groups * c)
     perm = random_perm(seed + 1, groups * c) if permute else None
     expected = reference_whiten(z, axis, groups, method, eps, perm)
-    torch.testing.assert_close(WHITEN[axis](z, groups=groups, method=method, eps=eps, perm=perm), expected)
+    torch.testing.assert_close(WHITEN[axis](z, groups=groups, method=method, eps=eps, perm=perm),
+                               expected)
 
 
 @settings(max_examples=60, deadline=None)
@@ -167,7 +172,8 @@ def test_whitening_matches_float64_reference(problem, seed, permute, eps):
        st.integers(1, 3), st.integers(1, 3), st.booleans())
 def test_loss_matches_float64_reference(problem, seed, num_views, sub_batches, iters, normalize):
     """whitening_loss equals the reference loss computed from the partitions that
-    random_group_partition draws from the same generator seed (any views, sub-batches, repetitions)."""
+    random_group_partition draws from the same generator seed (any views, sub-batches,
+    repetitions)."""
     axis, method, b, groups, c, _ = problem
     d = groups * c
     views = [embedding(seed + v, b * sub_batches, d) for v in range(num_views)]
@@ -190,7 +196,8 @@ def test_whitening_matrix_whitens_a_batch_of_covariances():
         W = whitening_matrix(cov, method)
         torch.testing.assert_close(W @ cov @ W.mT, eye)
     torch.testing.assert_close(whitening_matrix(cov, "zca"), whitening_matrix(cov, "zca").mT)
-    torch.testing.assert_close(whitening_matrix(cov, "cholesky"), whitening_matrix(cov, "cholesky").tril())
+    torch.testing.assert_close(whitening_matrix(cov, "cholesky"),
+                               whitening_matrix(cov, "cholesky").tril())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -216,9 +223,11 @@ def test_zca_output_is_the_scaled_polar_factor(problem, seed):
     polar = math.sqrt(n - 1) * (U @ Vh)
     zca = WHITEN[axis](z, groups=groups, method="zca")
     torch.testing.assert_close(zca.view(b, groups, c).transpose(0, 1), polar)
-    distance = {m: (WHITEN[axis](z, groups=groups, method=m).view(b, groups, c).transpose(0, 1) - blocks).norm()
+    distance = {m: (WHITEN[axis](z, groups=groups, method=m).view(b, groups, c).transpose(0, 1)
+                    - blocks).norm()
                 for m in ("zca", "cholesky", "pca")}
-    assert distance["zca"] <= distance["cholesky"] + 1e-9 and distance["zca"] <= distance["pca"] + 1e-9
+    assert (distance["zca"] <= distance["cholesky"] + 1e-9
+            and distance["zca"] <= distance["pca"] + 1e-9)
 
 
 @settings(max_examples=100, deadline=None)
@@ -245,7 +254,8 @@ def test_pca_whitening_jumps_where_zca_and_cholesky_move_smoothly(b, delta, seed
     """Near repeated eigenvalues (where a whitening loss drives the embedding) a tiny mixing of two
     channels, z → z(I + δJ), rotates PCA's eigenvectors by ~45°, so its output jumps by O(1);
     ZCA and Cholesky outputs move by at most O(δ). This is why PCA's whitened target is unstable."""
-    z = white_embedding("batch", b, 2, seed) * torch.tensor([math.sqrt(1 + 1e-10), 1.0], dtype=torch.float64)
+    z = (white_embedding("batch", b, 2, seed)
+         * torch.tensor([math.sqrt(1 + 1e-10), 1.0], dtype=torch.float64))
     mixed = z @ torch.tensor([[1.0, delta], [delta, 1.0]], dtype=torch.float64)
 
     def change(method):
@@ -259,27 +269,32 @@ def test_pca_whitening_jumps_where_zca_and_cholesky_move_smoothly(b, delta, seed
 # 4. Random group partition
 
 @settings(max_examples=100, deadline=None)
-@given(st.integers(1, 4), st.integers(1, 4), st.integers(1, 6), st.integers(1, 3), st.integers(1, 3), seeds)
+@given(st.integers(1, 4), st.integers(1, 4), st.integers(1, 6), st.integers(1, 3),
+       st.integers(1, 3), seeds)
 def test_random_group_partition_is_a_partition(views, groups, c, sub_batches, iters, seed):
-    """Every draw is a permutation: each sample in exactly one sub-batch, each channel in exactly one
-    group of c channels; groups=1 keeps the channel order; the same seed draws the same partition."""
+    """Every draw is a permutation: each sample in exactly one sub-batch, each channel in exactly
+    one group of c channels; groups=1 keeps the channel order; the same seed draws the same
+    partition."""
     d, sub_batch = groups * c, 3
     batch = sub_batch * sub_batches
-    samples, channels = random_group_partition(views, batch, d, groups, sub_batch, iters, torch.Generator().manual_seed(seed))
+    samples, channels = random_group_partition(views, batch, d, groups, sub_batch, iters,
+                                               torch.Generator().manual_seed(seed))
     assert samples.shape == (iters, batch) and channels.shape == (iters, views, sub_batches, d)
     assert torch.equal(samples.sort(-1).values, torch.arange(batch).expand(iters, batch))
     grouped = channels.view(iters, views, sub_batches, groups, c)
     assert torch.equal(grouped.flatten(-2).sort(-1).values, torch.arange(d).expand_as(channels))
     if groups == 1:
         assert torch.equal(channels, torch.arange(d).expand_as(channels))
-    again = random_group_partition(views, batch, d, groups, sub_batch, iters, torch.Generator().manual_seed(seed))
+    again = random_group_partition(views, batch, d, groups, sub_batch, iters,
+                                   torch.Generator().manual_seed(seed))
     assert torch.equal(again[0], samples) and torch.equal(again[1], channels)
 
 
 def test_random_group_partition_draws_independently_per_view_and_sub_batch():
     """Partitions differ between views, sub-batches and repetitions, and each channel lands in each
     group about equally often (a uniform partition)."""
-    samples, channels = random_group_partition(2, 8, 64, 4, 4, 200, torch.Generator().manual_seed(0))
+    samples, channels = random_group_partition(2, 8, 64, 4, 4, 200,
+                                               torch.Generator().manual_seed(0))
     assert not torch.equal(channels[:, 0], channels[:, 1])
     assert not torch.equal(channels[:, :, 0], channels[:, :, 1])
     assert not torch.equal(samples[0], samples[1])
@@ -299,7 +314,8 @@ def test_permuted_whitening_is_unpermuted_contiguous_whitening(problem, seed):
     z, p = embedding(seed, b, d, dtype), random_perm(seed, d)
     whiten = WHITEN[axis]
     torch.testing.assert_close(whiten(z, groups=groups, method=method, perm=p)[:, p],
-                               whiten(z[:, p], groups=groups, method=method), rtol=0, atol=TOL[dtype])
+                               whiten(z[:, p], groups=groups, method=method),
+                               rtol=0, atol=TOL[dtype])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -313,23 +329,26 @@ def test_batch_whitening_forgets_any_invertible_mixing(problem, seed):
     _, method, b, groups, c, _ = problem
     z = embedding(seed, b, groups * c)
     gen = torch.Generator().manual_seed(seed + 1)
-    A = torch.block_diag(*[torch.randn(c, c, generator=gen, dtype=torch.float64) + 3 * torch.eye(c, dtype=torch.float64)
+    A = torch.block_diag(*[torch.randn(c, c, generator=gen, dtype=torch.float64)
+                           + 3 * torch.eye(c, dtype=torch.float64)
                            for _ in range(groups)])
     white, mixed = batch_whiten(z, groups, method), batch_whiten(z @ A, groups, method)
-    Q = torch.block_diag(*[wk.T @ mk / (b - 1) for wk, mk in zip(white.split(c, 1), mixed.split(c, 1))])
+    Q = torch.block_diag(*[wk.T @ mk / (b - 1)
+                           for wk, mk in zip(white.split(c, 1), mixed.split(c, 1))])
     torch.testing.assert_close(white @ Q, mixed)
     torch.testing.assert_close(Q.T @ Q, torch.eye(groups * c, dtype=torch.float64))
 
 
 @settings(max_examples=80, deadline=None)
-@given(st.sampled_from(["batch", "channel"]), st.sampled_from(["zca", "cholesky", "pca"]), st.integers(1, 4),
-       st.sampled_from([torch.float64, torch.float32]), seeds)
+@given(st.sampled_from(["batch", "channel"]), st.sampled_from(["zca", "cholesky", "pca"]),
+       st.integers(1, 4), st.sampled_from([torch.float64, torch.float32]), seeds)
 def test_rank_deficient_input_is_refused_or_shrunk_to_its_rank(axis, method, rank, dtype, seed):
     """A rank-deficient embedding (a product of thin factors, rounded to its dtype) is refused
     without shrinkage; with ε > 0 the output is finite and has the centred input's rank."""
     gen = torch.Generator().manual_seed(seed)
     b, d = (12, 8) if axis == "batch" else (8, 12)
-    z = torch.randn(b, rank, generator=gen, dtype=torch.float64) @ torch.randn(rank, d, generator=gen, dtype=torch.float64)
+    z = (torch.randn(b, rank, generator=gen, dtype=torch.float64)
+         @ torch.randn(rank, d, generator=gen, dtype=torch.float64))
     z = z.to(dtype)
     with pytest.raises(ValueError, match="singular"):
         WHITEN[axis](z, method=method)
@@ -338,7 +357,8 @@ def test_rank_deficient_input_is_refused_or_shrunk_to_its_rank(axis, method, ran
     centred = z - (z.mean(1, keepdim=True) if axis == "channel" else z.mean(0))
     assert torch.isfinite(out).all()
     rtol = 1e-5 if dtype == torch.float32 else None  # float32 rounding is rank noise at ~1e-7
-    assert torch.linalg.matrix_rank(out, rtol=rtol) == torch.linalg.matrix_rank(centred, rtol=rtol) <= rank
+    assert (torch.linalg.matrix_rank(out, rtol=rtol)
+            == torch.linalg.matrix_rank(centred, rtol=rtol) <= rank)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -372,9 +392,12 @@ def test_whitening_gradients_match_autograd_through_the_reference(problem, seed,
     axis, method, b, groups, c, _ = problem
     z = embedding(seed, b, groups * c, requires_grad=True)
     perm = random_perm(seed, groups * c) if permute else None
-    weights = torch.randn(b, groups * c, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    (grad,) = torch.autograd.grad((WHITEN[axis](z, groups=groups, method=method, perm=perm) * weights).sum(), z)
-    (expected,) = torch.autograd.grad((reference_whiten(z, axis, groups, method, perm=perm) * weights).sum(), z)
+    weights = torch.randn(b, groups * c, generator=torch.Generator().manual_seed(seed),
+                          dtype=torch.float64)
+    (grad,) = torch.autograd.grad(
+        (WHITEN[axis](z, groups=groups, method=method, perm=perm) * weights).sum(), z)
+    (expected,) = torch.autograd.grad(
+        (reference_whiten(z, axis, groups, method, perm=perm) * weights).sum(), z)
     torch.testing.assert_close(grad, expected, rtol=1e-6, atol=1e-8)
 
 
@@ -402,16 +425,21 @@ def test_gradient_respects_the_whitening_invariances(problem, seed):
     orthogonal to Z̄."""
     axis, method, b, groups, c, _ = problem
     z = embedding(seed, b, groups * c, requires_grad=True)
-    projection = torch.randn(b, groups * c, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64)
+    projection = torch.randn(b, groups * c, generator=torch.Generator().manual_seed(seed + 1),
+                             dtype=torch.float64)
     (WHITEN[axis](z, groups=groups, method=method) * projection).sum().backward()
-    grad, zc = z.grad, z.detach() - (z.detach().mean(0) if axis == "batch" else z.detach().mean(1, keepdim=True))
+    grad, zc = z.grad, z.detach() - (z.detach().mean(0) if axis == "batch"
+                                     else z.detach().mean(1, keepdim=True))
     scale = grad.abs().max() * zc.abs().max() * z.numel() + 1e-3  # the gradient can be exactly 0
     if axis == "batch":
-        torch.testing.assert_close(grad.sum(0), torch.zeros(groups * c, dtype=torch.float64), rtol=0, atol=1e-10 * scale)
+        torch.testing.assert_close(grad.sum(0), torch.zeros(groups * c, dtype=torch.float64),
+                                   rtol=0, atol=1e-10 * scale)
         per_group = (grad * zc).view(b, groups, c).sum((0, 2))
-        torch.testing.assert_close(per_group, torch.zeros(groups, dtype=torch.float64), rtol=0, atol=1e-10 * scale)
+        torch.testing.assert_close(per_group, torch.zeros(groups, dtype=torch.float64),
+                                   rtol=0, atol=1e-10 * scale)
     else:
-        torch.testing.assert_close(grad.sum(1), torch.zeros(b, dtype=torch.float64), rtol=0, atol=1e-10 * scale)
+        torch.testing.assert_close(grad.sum(1), torch.zeros(b, dtype=torch.float64),
+                                   rtol=0, atol=1e-10 * scale)
         assert abs((grad * zc).sum()) <= 1e-10 * scale
 
 
@@ -435,7 +463,8 @@ def test_zca_gradient_is_exact_at_an_already_white_input(axis, n, seed):
     b, c = (n + 3, n) if axis == "batch" else (n, n + 3)
     z = white_embedding(axis, b, c, seed).requires_grad_()
     out = WHITEN[axis](z, method="zca")
-    torch.testing.assert_close(out, z.detach() - (z.detach().mean(0) if axis == "batch" else z.detach().mean(1, keepdim=True)))
+    torch.testing.assert_close(out, z.detach() - (z.detach().mean(0) if axis == "batch"
+                                                  else z.detach().mean(1, keepdim=True)))
     (grad,) = torch.autograd.grad((out * torch.randn_like(out)).sum(), z)
     assert torch.isfinite(grad).all()
     assert torch.autograd.gradcheck(lambda x: WHITEN[axis](x, method="zca"), (z,))
@@ -466,12 +495,14 @@ def test_zca_matrix_gradient_matches_autograd_through_eigh(n, repeated, seed):
 # 7. The loss
 
 @settings(max_examples=60, deadline=None)
-@given(problems(methods=("zca", "cholesky"), max_groups=1, dtype=torch.float64), seeds, st.booleans())
+@given(problems(methods=("zca", "cholesky"), max_groups=1, dtype=torch.float64), seeds,
+       st.booleans())
 def test_loss_of_identical_views_is_zero_with_one_group(problem, seed, normalize):
     """With one group every view is whitened the same way, so identical views give zero loss."""
     axis, method, b, groups, c, _ = problem
     z = embedding(seed, 2 * b, c)
-    loss = whitening_loss(z, z.clone(), axis=axis, groups=groups, sub_batch=b, method=method, normalize=normalize)
+    loss = whitening_loss(z, z.clone(), axis=axis, groups=groups, sub_batch=b, method=method,
+                          normalize=normalize)
     assert loss.abs() < 1e-12
 
 
@@ -515,12 +546,16 @@ def test_recipe_defaults_and_module():
     views = [embedding(v, 256, 512, torch.float32) for v in range(4)]
     kw = dict(axis="channel", method="zca", groups=4, sub_batch=64)
     torch.testing.assert_close(cw_rgp_loss(*views, generator=torch.Generator().manual_seed(1)),
-                               whitening_loss(*views, generator=torch.Generator().manual_seed(1), **kw))
-    torch.testing.assert_close(CWRGPLoss(groups=2)(*views[:2], generator=torch.Generator().manual_seed(2)),
-                               whitening_loss(*views[:2], generator=torch.Generator().manual_seed(2), **{**kw, "groups": 2}))
+                               whitening_loss(*views, generator=torch.Generator().manual_seed(1),
+                                              **kw))
+    torch.testing.assert_close(
+        CWRGPLoss(groups=2)(*views[:2], generator=torch.Generator().manual_seed(2)),
+        whitening_loss(*views[:2], generator=torch.Generator().manual_seed(2),
+                       **{**kw, "groups": 2}))
     small = [v[:, :64] for v in views[:2]]
     torch.testing.assert_close(w_mse_loss(*small, generator=torch.Generator().manual_seed(3)),
-                               whitening_loss(*small, axis="batch", method="cholesky", groups=1, sub_batch=128,
+                               whitening_loss(*small, axis="batch", method="cholesky", groups=1,
+                                              sub_batch=128,
                                               generator=torch.Generator().manual_seed(3)))
 
 
@@ -543,10 +578,14 @@ def views_of(b, d, count=2):
 
 @pytest.mark.parametrize("call, message", [
     (lambda: whitening_loss(*views_of(8, 12), groups=5), "divisor"),
-    (lambda: whitening_loss(*views_of(12, 8), sub_batch=5), "cannot be split into sub-batches of 5"),
-    (lambda: whitening_loss(*views_of(8, 16), axis="batch", groups=2, sub_batch=8), r"sub_batch > c"),
-    (lambda: whitening_loss(*views_of(16, 16), axis="channel", groups=2, sub_batch=16), r"c >= sub_batch"),
-    (lambda: whitening_loss(*views_of(8, 8), axis="channel", groups=1, sub_batch=8), r"c > sub_batch \(with groups=1"),
+    (lambda: whitening_loss(*views_of(12, 8), sub_batch=5),
+     "cannot be split into sub-batches of 5"),
+    (lambda: whitening_loss(*views_of(8, 16), axis="batch", groups=2, sub_batch=8),
+     r"sub_batch > c"),
+    (lambda: whitening_loss(*views_of(16, 16), axis="channel", groups=2, sub_batch=16),
+     r"c >= sub_batch"),
+    (lambda: whitening_loss(*views_of(8, 8), axis="channel", groups=1, sub_batch=8),
+     r"c > sub_batch \(with groups=1"),
     (lambda: whitening_loss(*views_of(8, 16, count=1)), "at least two views"),
     (lambda: cw_rgp_loss(views_of(8, 16)), r"one list: pass them as separate arguments, e\.g\. "
                                            r"cw_rgp_loss\(z1, z2\)"),
@@ -576,7 +615,8 @@ def test_shape_refusals_name_the_fix():
     with pytest.raises(ValueError, match="smaller sub_batch, fewer groups, or eps > 0"):
         whitening_loss(*views_of(32, 16), axis="channel", groups=2, sub_batch=32)
     # shrinkage makes the same shapes whitenable
-    assert torch.isfinite(whitening_loss(*views_of(32, 16), axis="channel", groups=2, sub_batch=32, eps=0.1))
+    assert torch.isfinite(whitening_loss(*views_of(32, 16), axis="channel", groups=2, sub_batch=32,
+                                         eps=0.1))
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
@@ -600,7 +640,8 @@ def test_half_precision_and_autocast_whiten_in_float32():
     loss = cw_rgp_loss(*rounded, generator=gen())
     assert loss.dtype == torch.float32
     torch.testing.assert_close(loss, reference)
-    assert abs(loss - cw_rgp_loss(*views, generator=gen())) < 1e-2  # bf16 rounding of the inputs only
+    # bf16 rounding of the inputs only
+    assert abs(loss - cw_rgp_loss(*views, generator=gen())) < 1e-2
     assert cw_rgp_loss(*[v.half() for v in views], generator=gen()).dtype == torch.float32
     with torch.autocast("cpu", dtype=torch.bfloat16):
         inside = cw_rgp_loss(*views, generator=gen())
@@ -618,7 +659,8 @@ EPS64 = torch.finfo(torch.float64).eps
 
 def conditioned_covariance(seed, n, cond, repeated):
     """Σ = Q diag(λ) Qᵀ, λ_max = 1 and λ_min = 1/cond, the others log-uniform between, `repeated`
-    of them equal to λ_max (repeated = n − 1 is the worst case for Newton–Schulz: the largest trace)."""
+    of them equal to λ_max (repeated = n − 1 is the worst case for Newton–Schulz: the largest
+    trace)."""
     gen = torch.Generator().manual_seed(seed)
     Q, _ = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))
     eigenvalues = cond ** -torch.rand(n, generator=gen, dtype=torch.float64)
@@ -682,10 +724,12 @@ def test_newton_converges_wherever_the_rule_accepts_and_refuses_what_it_cannot_w
     cond = 0.5 / (n * torch.finfo(dtype).eps)
     cov = conditioned_covariance(0, n, cond, n - 1).to(dtype)
     W = whitening_matrix(cov, solver="newton").double()
-    assert relative(W, whitening_matrix(cov, solver="eigh").double()) <= 20 * cond * EPS64 + 10 * torch.finfo(dtype).eps
-    # seeded: at n = 2 in float64 about 8 % of random rank-one covariances round to a smallest eigenvalue
-    # that eigh refuses but Newton–Schulz converges on
-    v = torch.randn(n, max(n - 1, 1), dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    assert (relative(W, whitening_matrix(cov, solver="eigh").double())
+            <= 20 * cond * EPS64 + 10 * torch.finfo(dtype).eps)
+    # seeded: at n = 2 in float64 about 8 % of random rank-one covariances round to a smallest
+    # eigenvalue that eigh refuses but Newton–Schulz converges on
+    v = torch.randn(n, max(n - 1, 1), dtype=torch.float64,
+                    generator=torch.Generator().manual_seed(0))
     singular = (v @ v.T).to(dtype)
     for solver in ("eigh", "newton"):
         with pytest.raises(ValueError, match="singular"):
@@ -697,7 +741,8 @@ def test_solver_auto_is_eigh_on_the_cpu_and_unknown_solvers_are_refused():
     name that does not exist is refused; Cholesky and PCA ignore the solver."""
     views = views_of(128, 256)
     gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
-    assert torch.equal(cw_rgp_loss(*views, generator=gen()), cw_rgp_loss(*views, generator=gen(), solver="eigh"))
+    assert torch.equal(cw_rgp_loss(*views, generator=gen()),
+                       cw_rgp_loss(*views, generator=gen(), solver="eigh"))
     assert torch.equal(w_mse_loss(*[v[:, :64] for v in views], generator=gen(), solver="newton"),
                        w_mse_loss(*[v[:, :64] for v in views], generator=gen()))
     with pytest.raises(ValueError, match="solver"):
@@ -716,14 +761,17 @@ def test_loss_with_a_partition_equals_the_loss_with_its_generator(problem, seed,
     d = groups * c
     views = [embedding(seed + v, 2 * b, d, dtype) for v in range(num_views)]
     kw = dict(axis=axis, method=method, groups=groups, sub_batch=b, iters=iters)
-    partition = random_group_partition(num_views, 2 * b, d, groups, b, iters, torch.Generator().manual_seed(seed))
+    partition = random_group_partition(num_views, 2 * b, d, groups, b, iters,
+                                       torch.Generator().manual_seed(seed))
     assert torch.equal(whitening_loss(*views, partition=partition, **kw),
                        whitening_loss(*views, generator=torch.Generator().manual_seed(seed), **kw))
 
 
 COMPILED_RECIPES = {  # name: (loss, d)
-    "cw-rgp eigh": (lambda *vs, partition: cw_rgp_loss(*vs, partition=partition, solver="eigh"), 256),
-    "cw-rgp newton": (lambda *vs, partition: cw_rgp_loss(*vs, partition=partition, solver="newton"), 256),
+    "cw-rgp eigh": (lambda *vs, partition: cw_rgp_loss(*vs, partition=partition, solver="eigh"),
+                    256),
+    "cw-rgp newton": (lambda *vs, partition: cw_rgp_loss(*vs, partition=partition, solver="newton"),
+                      256),
     "w-mse": (lambda *vs, partition: w_mse_loss(*vs, partition=partition), 64),
 }
 
@@ -766,16 +814,20 @@ def test_compiled_loss_is_nan_where_eager_refuses(name, failure):
     with pytest.raises(ValueError, match="NaN or Inf" if failure == "nan" else "singular"):
         loss(*views, partition=partition)
     torch._dynamo.reset()
-    assert torch.isnan(torch.compile(loss, fullgraph=True, backend="aot_eager")(*views, partition=partition))
+    assert torch.isnan(
+        torch.compile(loss, fullgraph=True, backend="aot_eager")(*views, partition=partition))
 
 
 def test_partition_is_checked():
     """A partition of the wrong shape, not of integers, or not of permutations is refused, as is a
     partition together with a generator."""
     views = views_of(128, 256)
-    samples, channels = random_group_partition(2, 128, 256, 4, 64, 1, torch.Generator().manual_seed(0))
-    for bad, message in [((samples[:, :64], channels), "samples"), ((samples, channels[:, :1]), "channels"),
-                         ((samples.float(), channels), "integer"), ((samples, channels.clamp(max=3)), "permutations")]:
+    samples, channels = random_group_partition(2, 128, 256, 4, 64, 1,
+                                               torch.Generator().manual_seed(0))
+    for bad, message in [((samples[:, :64], channels), "samples"),
+                         ((samples, channels[:, :1]), "channels"),
+                         ((samples.float(), channels), "integer"),
+                         ((samples, channels.clamp(max=3)), "permutations")]:
         with pytest.raises(ValueError, match=message):
             cw_rgp_loss(*views, partition=bad)
     with pytest.raises(ValueError, match="not both"):
@@ -816,7 +868,8 @@ def test_cuda_newton_loss_matches_the_cpu_and_replays_in_a_cuda_graph():
 # 11. Every input: the right answer or a clear error
 
 @settings(max_examples=40, deadline=None)
-@given(st.sampled_from(["batch", "channel"]), st.sampled_from(["zca-eigh", "zca-newton", "cholesky", "pca"]),
+@given(st.sampled_from(["batch", "channel"]),
+       st.sampled_from(["zca-eigh", "zca-newton", "cholesky", "pca"]),
        st.sampled_from([torch.float32, torch.float64]), st.integers(-30, 30), st.booleans(), seeds)
 @example("channel", "zca-eigh", torch.float32, -14, False, 0)
 @example("batch", "zca-eigh", torch.float32, 14, False, 0)
@@ -846,14 +899,17 @@ def test_whitening_and_its_gradient_are_scale_free(axis, method, dtype, power, f
 def test_eps_outside_zero_to_one_is_refused_everywhere(eps):
     """eps is a shrinkage weight in [0, 1): every entry point refuses anything else, naming eps."""
     z = embedding(0, 8, 32, torch.float32)
-    for call in (lambda: whitening_loss(z, z, eps=eps, sub_batch=8), lambda: cw_rgp_loss(z, z, eps=eps, sub_batch=8),
-                 lambda: channel_whiten(z, groups=4, eps=eps), lambda: batch_whiten(z.T.contiguous(), eps=eps)):
+    for call in (lambda: whitening_loss(z, z, eps=eps, sub_batch=8),
+                 lambda: cw_rgp_loss(z, z, eps=eps, sub_batch=8),
+                 lambda: channel_whiten(z, groups=4, eps=eps),
+                 lambda: batch_whiten(z.T.contiguous(), eps=eps)):
         with pytest.raises(ValueError, match="eps"):
             call()
 
 
-@pytest.mark.parametrize("name, value", [("sub_batch", 0), ("sub_batch", -1), ("sub_batch", 8.0), ("sub_batch", "8"),
-                                         ("groups", 0), ("groups", 2.0), ("groups", -4), ("iters", 0), ("iters", -1),
+@pytest.mark.parametrize("name, value", [("sub_batch", 0), ("sub_batch", -1), ("sub_batch", 8.0),
+                                         ("sub_batch", "8"), ("groups", 0), ("groups", 2.0),
+                                         ("groups", -4), ("iters", 0), ("iters", -1),
                                          ("iters", 1.5)])
 def test_integer_arguments_are_integers(name, value):
     """groups, sub_batch and iters must be positive integers: others are refused with a ValueError
@@ -871,7 +927,8 @@ def test_integer_like_arguments_are_accepted():
     views = views_of(16, 32)
     gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
     n = numpy.int64
-    assert torch.equal(whitening_loss(*views, groups=n(2), sub_batch=n(8), iters=n(2), generator=gen()),
+    assert torch.equal(whitening_loss(*views, groups=n(2), sub_batch=n(8), iters=n(2),
+                                      generator=gen()),
                        whitening_loss(*views, groups=2, sub_batch=8, iters=2, generator=gen()))
     assert torch.equal(channel_whiten(views[0], groups=n(2)), channel_whiten(views[0], groups=2))
 

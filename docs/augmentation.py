@@ -30,14 +30,15 @@ def row(label, ours, reference, images):
     for name in a:
         difference = a[name] - b[name]
         se = difference.std().item() / math.sqrt(len(difference))
-        cells.append(f"{a[name].mean():+.4f} / {b[name].mean():+.4f} ({difference.mean():+.4f} ± {se:.4f})")
+        cells.append(f"{a[name].mean():+.4f} / {b[name].mean():+.4f} "
+                     f"({difference.mean():+.4f} ± {se:.4f})")
     print(f"| {label} | " + " | ".join(cells) + " |")
 
 
 def jitter_part(part, n):
     strengths = t.COLOUR_PARTS[part]
-    args = t.recipe("--crop-scale", "1", "1", "--crop-ratio", "1", "1", "--flip-p", "0", "--gray-p", "0",
-                    "--jitter-p", "1", "--jitter", *map(str, strengths))
+    args = t.recipe("--crop-scale", "1", "1", "--crop-ratio", "1", "1", "--flip-p", "0",
+                    "--gray-p", "0", "--jitter-p", "1", "--jitter", *map(str, strengths))
     x = t.colour_images(n, 32, 2)
     images = x.float() / 255
     ours = train_cifar.augment(x, t.noise_for(n, 3), args)
@@ -51,18 +52,21 @@ def whole_recipe(x, interpolation):
     pipeline = t.released_pipeline(args, x.shape[-1])
     pipeline.transforms[2].interpolation = interpolation
     torch.manual_seed(5)
-    return train_cifar.augment(x, t.noise_for(len(x), 5), args), torch.stack([pipeline(i) for i in images]), images
+    return (train_cifar.augment(x, t.noise_for(len(x), 5), args),
+            torch.stack([pipeline(i) for i in images]), images)
 
 
 def crop_only(x, upsample):
-    """The crop and flip alone, torchvision's on the images upsampled (nearest) by an integer factor, so
-    that its whole-pixel boxes come closer to the trainer's continuous ones."""
+    """The crop and flip alone, torchvision's on the images upsampled (nearest) by an integer
+    factor, so that its whole-pixel boxes come closer to the trainer's continuous ones."""
     args, images = t.recipe("--jitter-p", "0", "--gray-p", "0"), x.float() / 255
     big = images.repeat_interleave(upsample, 2).repeat_interleave(upsample, 3)
-    pipeline = v2.Compose([v2.RandomResizedCrop(x.shape[-1], scale=args.crop_scale, ratio=args.crop_ratio, antialias=False),
+    pipeline = v2.Compose([v2.RandomResizedCrop(x.shape[-1], scale=args.crop_scale,
+                                                ratio=args.crop_ratio, antialias=False),
                            v2.RandomHorizontalFlip(args.flip_p)])
     torch.manual_seed(5)
-    return train_cifar.augment(x, t.noise_for(len(x), 5), args), torch.stack([pipeline(i) for i in big]), images
+    return (train_cifar.augment(x, t.noise_for(len(x), 5), args),
+            torch.stack([pipeline(i) for i in big]), images)
 
 
 def main(n):
@@ -79,7 +83,8 @@ def main(n):
             row(f"recipe, {name}, torchvision {mode.value}", *whole_recipe(x, mode))
     if "Fashion-MNIST" in datasets:
         for upsample in (1, 10):
-            row(f"crop and flip alone, Fashion-MNIST, torchvision bilinear on {28 * upsample}x{28 * upsample}",
+            row(f"crop and flip alone, Fashion-MNIST, torchvision bilinear on "
+                f"{28 * upsample}x{28 * upsample}",
                 *crop_only(datasets["Fashion-MNIST"], upsample))
 
 

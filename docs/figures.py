@@ -8,8 +8,8 @@ Figures from the trainer's logs (runs/<name>/log.jsonl and config.json).
   claims.png    what CW-RGP's random group partition and channel whitening are for: the 5-NN and
                 the embedding's stable rank against the batch size (CW-RGP, BW with ZCA, W-MSE;
                 docs/logs/small-*; CW-RGP's and W-MSE's at batch 256: claims-*), against the
-                number of groups g (CW-RGP), and CW with one group, fixed groups and random groups beside W-MSE
-                (docs/logs/claims-*); 10 epochs on 10,000 images, three seeds
+                number of groups g (CW-RGP), and CW with one group, fixed groups and random groups
+                beside W-MSE (docs/logs/claims-*); 10 epochs on 10,000 images, three seeds
 and one from cwrgp.py itself:
   whitening.png a 2-D embedding batch-whitened by ZCA, Cholesky and PCA, and how far each output
                 moves when the embedding moves by δ near a repeated eigenvalue (derivations 1, 2, 6)

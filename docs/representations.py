@@ -3,7 +3,8 @@ How good each representation of a trained run is, measured the same way as the r
 numbers behind docs/results.md's "better than the input" and the paper's observation that the
 whitened output is a worse representation than what comes before it (its Section 3).
 
-    python docs/representations.py runs/<run>              # raw pixels, encoder, embedding, whitened output
+    python docs/representations.py runs/<run>              # raw pixels, encoder, embedding,
+                                                             whitened output
     python docs/representations.py runs/<run> --probe-epochs 0   # kNN only (seconds)
     python docs/representations.py --pixels fashion-mnist  # raw pixels alone, no run needed
 
@@ -36,11 +37,13 @@ METRICS = ("knn5", "knn5_l2", "knn200", "linear")
 
 def scores(bank, bank_y, query, query_y, args):
     """The four measures of one representation (linear None when --probe-epochs is 0)."""
-    knn = lambda b, q, k, metric: train_cifar.knn_top1(b, bank_y, q, query_y, min(k, len(b)), metric, args.knn_t)
+    knn = lambda b, q, k, metric: train_cifar.knn_top1(b, bank_y, q, query_y, min(k, len(b)),
+                                                       metric, args.knn_t)
     return {"knn5": knn(bank, query, 5, "euclidean"),
             "knn5_l2": knn(F.normalize(bank, dim=1), F.normalize(query, dim=1), 5, "euclidean"),
             "knn200": knn(bank, query, args.knn_k, "cosine"),
-            "linear": train_cifar.linear_probe(bank, bank_y, query, query_y, args) if args.probe_epochs else None}
+            "linear": (train_cifar.linear_probe(bank, bank_y, query, query_y, args)
+                       if args.probe_epochs else None)}
 
 
 def pixels(x):
@@ -48,7 +51,8 @@ def pixels(x):
 
 
 def load_run(run_dir, device):
-    """The run's config (the parser's defaults under it) and its model with the checkpoint's weights."""
+    """The run's config (the parser's defaults under it) and its model with the checkpoint's
+    weights."""
     args = train_cifar.build_parser().parse_args([])
     with open(os.path.join(run_dir, "config.json")) as f:
         vars(args).update(json.load(f))
@@ -61,27 +65,35 @@ def representations(model, x, args, batch=1024):
     """Encoder features, embedding and whitened embedding of uint8 images x, in eval mode."""
     model.eval()
     encoded = train_cifar.features(model["encoder"], x, batch)
-    embedded = torch.cat([model["projector"](encoded[i:i + batch]) for i in range(0, len(encoded), batch)])
+    embedded = torch.cat([model["projector"](encoded[i:i + batch])
+                          for i in range(0, len(encoded), batch)])
     rep = {"encoder": encoded, "embedding": embedded}
     if args.method != "plain":
-        whole = len(x) // args.sub_batch * args.sub_batch  # a last partial sub-batch cannot be whitened alike
+        # a last partial sub-batch cannot be whitened alike
+        whole = len(x) // args.sub_batch * args.sub_batch
         rep["whitened"] = train_cifar.whitened_by_sub_batch(embedded[:whole].double(), args).float()
     return rep
 
 
 def table(rows):
-    lines = ["| representation | dim | " + " | ".join(METRICS) + " |", "|---|---|" + "---|" * len(METRICS)]
+    lines = ["| representation | dim | " + " | ".join(METRICS) + " |",
+             "|---|---|" + "---|" * len(METRICS)]
     for name, dim, s in rows:
-        lines.append(f"| {name} | {dim} | " + " | ".join("–" if s[m] is None else f"{s[m]:.4f}" for m in METRICS) + " |")
+        lines.append(f"| {name} | {dim} | "
+                     + " | ".join("–" if s[m] is None else f"{s[m]:.4f}" for m in METRICS)
+                     + " |")
     return "\n".join(lines)
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("run", nargs="?", help="a train_cifar.py run directory (config.json and ckpt.pt)")
+    p.add_argument("run", nargs="?",
+                   help="a train_cifar.py run directory (config.json and ckpt.pt)")
     p.add_argument("--pixels", metavar="DATASET", help="raw pixels of this dataset only")
-    p.add_argument("--probe-epochs", type=int, default=500, help="linear probe epochs (0: kNN only)")
-    p.add_argument("--limit", type=int, help="bank of the first N training images (default: the run's)")
+    p.add_argument("--probe-epochs", type=int, default=500,
+                   help="linear probe epochs (0: kNN only)")
+    p.add_argument("--limit", type=int,
+                   help="bank of the first N training images (default: the run's)")
     p.add_argument("--threads", type=int)
     opts = p.parse_args(argv)
     if bool(opts.run) == bool(opts.pixels):
@@ -96,9 +108,11 @@ def main(argv=None):
     args.probe_epochs = opts.probe_epochs
     args.limit = opts.limit if opts.limit is not None else args.limit
     _, (train_x, train_y, test_x, test_y), _ = train_cifar.load_data(args, device)
-    rows = [("raw pixels", train_x[0].numel(), scores(pixels(train_x), train_y, pixels(test_x), test_y, args))]
+    rows = [("raw pixels", train_x[0].numel(),
+             scores(pixels(train_x), train_y, pixels(test_x), test_y, args))]
     if weights is not None:
-        mean, std = (torch.zeros(train_x.shape[1]), torch.ones(train_x.shape[1]))  # buffers come from the checkpoint
+        # buffers come from the checkpoint
+        mean, std = (torch.zeros(train_x.shape[1]), torch.ones(train_x.shape[1]))
         model = train_cifar.build_model(args, mean, std)
         model.load_state_dict(weights)
         bank, query = representations(model, train_x, args), representations(model, test_x, args)
@@ -107,7 +121,8 @@ def main(argv=None):
             rows.append((name, bank[name].shape[1],
                          scores(bank[name], train_y[:n_bank], query[name], test_y[:n_query], args)))
     source = opts.run or opts.pixels
-    print(f"{source}: bank {len(train_x)} training images, {len(test_x)} test queries, torch {torch.__version__}")
+    print(f"{source}: bank {len(train_x)} training images, {len(test_x)} test queries, "
+          f"torch {torch.__version__}")
     print(table(rows))
     return rows
 
