@@ -12,10 +12,8 @@ projector, loss, backward, Adam) on CIFAR-shaped fake data with the recipe's Res
 256, eager and under --compile, for no whitening, W-MSE and CW-RGP with 2 and 4 views; the
 encoder's forward + backward alone is the ceiling the step can approach.
 
-    python bench.py                  # the loss table (CPU, and CUDA when present), then the step
-                                       table on CUDA
-    python bench.py --steps-on cpu   # only the step table, on the CPU at a small shape: checks its
-                                       code, measures nothing of record
+    python bench.py                 # the loss table (CPU, and CUDA if any), the step table on CUDA
+    python bench.py --steps-on cpu  # the step table alone, small, on the CPU: checks its code
 """
 
 import argparse
@@ -114,7 +112,7 @@ STEP_ROWS = {  # name: train_cifar.py flags
     "CW-RGP 4": ["--method", "cwrgp", "--views", "4"],
 }
 RECIPE = ["--arch", "resnet18", "--batch-size", "256"]
-# --steps-on cpu
+# the small shape of --steps-on cpu
 SMALL = ["--arch", "convnet", "--width", "8", "--hidden", "64", "--batch-size", "128"]
 
 

@@ -873,15 +873,14 @@ def test_bench_step_table_runs_on_cpu():
 
 
 # Runs train_cifar.main in each torchrun process and saves that process's parameters beside the log.
-# A backslash at a line's end joins the next line to it (the string drops both), so that next line
-# starts in column 0: no spaces are added to the code.
 RANK_RUNNER = """
 import os, sys, torch
 sys.path.insert(0, {repo!r})
 import bookkeeping, train_cifar
 rank, batches, partitions, saves = os.environ["RANK"], [], [], []
-real_step, real_draw, real_write = \
-train_cifar.train_step, train_cifar.draw_partition, bookkeeping.write_atomically
+real_step = train_cifar.train_step
+real_draw = train_cifar.draw_partition
+real_write = bookkeeping.write_atomically
 def recording_step(forward, model, opt, x, *rest):
     batches.append(x.clone())
     return real_step(forward, model, opt, x, *rest)
@@ -898,8 +897,8 @@ if result["status"] == "done":
     params = {{name: p.detach() for name, p in result["model"].named_parameters()}}
     torch.save(params, os.path.join(result["out"], "params-rank" + rank + ".pt"))
     seen = list(zip(batches[:2], partitions[1:3]))  # partition 0 is the start's check of the shapes
-    torch.save({{"seen": seen, "saves": saves}}, \
-os.path.join(result["out"], "seen-rank" + rank + ".pt"))
+    seen_path = os.path.join(result["out"], "seen-rank" + rank + ".pt")
+    torch.save({{"seen": seen, "saves": saves}}, seen_path)
 """
 
 

@@ -3,10 +3,8 @@ How ill-conditioned CW-RGP's covariances are, before and during training, and wh
 costs on one CPU core: the numbers quoted in docs/derivations.md (3), docs/paper-to-code.md and the
 loss benchmark of docs/results.md.
 
-    python docs/conditioning.py            # two epochs of Fashion-MNIST: about 5 minutes
-                                             on 2 CPU cores
-    python docs/conditioning.py gaussian   # Gaussian blocks at and away from the shape rules:
-                                             seconds, no data
+    python docs/conditioning.py           # two epochs of Fashion-MNIST: about 5 minutes on 2 cores
+    python docs/conditioning.py gaussian  # Gaussian blocks on and off the shape rules: seconds
 
 cond(Σ) = λ_max / λ_min of every channel-whitening covariance at the recipe's shape (sub-batches of
 64 consecutive samples, 4 groups of 128 consecutive channels; Σ = X Xᵀ/(c − 1), float64).

@@ -3,8 +3,7 @@ How good each representation of a trained run is, measured the same way as the r
 numbers behind docs/results.md's "better than the input" and the paper's observation that the
 whitened output is a worse representation than what comes before it (its Section 3).
 
-    python docs/representations.py runs/<run>              # raw pixels, encoder, embedding,
-                                                             whitened output
+    python docs/representations.py runs/<run>              # all four representations
     python docs/representations.py runs/<run> --probe-epochs 0   # kNN only (seconds)
     python docs/representations.py --pixels fashion-mnist  # raw pixels alone, no run needed
 
