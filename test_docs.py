@@ -201,16 +201,8 @@ def test_readme_and_results_stay_short():
 
 
 def python_files():
-    """The repository's tracked .py files (git ls-files), or its *.py and docs/*.py without git."""
-    import subprocess
-
-    try:
-        listed = subprocess.run(["git", "ls-files", "*.py"], cwd=ROOT, capture_output=True,
-                                text=True, check=True).stdout.splitlines()
-    except (OSError, subprocess.CalledProcessError):
-        listed = []
-    return ([ROOT / name for name in listed if (ROOT / name).exists()]
-            or [*sorted(ROOT.glob("*.py")), *sorted((ROOT / "docs").glob("*.py"))])
+    """The project's Python files: those at its root and in docs/."""
+    return [*sorted(ROOT.glob("*.py")), *sorted((ROOT / "docs").glob("*.py"))]
 
 
 def test_every_python_line_fits_in_100_columns():
